@@ -1,0 +1,1 @@
+"""Everything that spans processes: shared contracts, pools, transport, CLI."""

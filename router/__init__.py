@@ -1,0 +1,1 @@
+"""The front door: API, tokenization, residency index, placement."""

@@ -1,0 +1,37 @@
+"""Attention backends: plan once per batch on the host, run once per layer.
+
+``torch`` is the reference (any device, the CPU path, the oracle); ``flashinfer`` is
+the CUDA path. Pick one with :func:`get_backend`."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.attention.batch import AttentionBackend, AttentionBatch
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+    if name == "torch":
+        from workers.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device")
+        from workers.attention.flashinfer_backend import FlashInferAttentionBackend
+
+        return FlashInferAttentionBackend(device)
+    raise ValueError(f"unknown attention backend {name!r} (choose torch, flashinfer or auto)")
+
+
+def _has_flashinfer() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["AttentionBackend", "AttentionBatch", "get_backend"]

@@ -1,0 +1,91 @@
+"""The reference attention backend: paged KV gathered with indexing, then torch SDPA.
+
+Decode sequences (one new token each) run as one padded batch; prefill chunks run
+one sequence at a time with a causal mask shifted by the cached prefix length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.attention.batch import AttentionBatch
+from workers.kv_cache import KVCache
+
+
+@dataclass
+class _Prefill:
+    q_start: int
+    q_end: int
+    blk: torch.Tensor  # [L] int64 block of each context position
+    off: torch.Tensor  # [L] int64 offset inside the block
+    mask: torch.Tensor | None  # [n, L] bool, None when the chunk has no cached prefix
+
+
+class TorchAttentionPlan:
+    def __init__(self, batch: AttentionBatch, kv_cache: KVCache) -> None:
+        self.kv_cache = kv_cache
+        device = kv_cache.storage.device
+        bs = batch.block_size
+        slots = batch.slot_mapping.to(device)
+        self.write_blk, self.write_off = slots // bs, slots % bs  # [T]
+
+        decode = [b for b in range(batch.num_seqs) if batch.query_len(b) == 1]
+        self.decode_tokens: torch.Tensor | None = None
+        if decode:
+            lens = [batch.seq_lens[b] for b in decode]
+            max_len = max(lens)
+            n_blocks = -(-max_len // bs)
+            table = torch.tensor(
+                [batch.block_tables[b][:n_blocks] + [0] * (n_blocks - len(batch.block_tables[b][:n_blocks])) for b in decode],
+                dtype=torch.int64,
+            )  # [Bd, n_blocks]
+            pos = torch.arange(max_len)
+            self.decode_tokens = torch.tensor([batch.query_start_loc[b] for b in decode], device=device)
+            self.decode_blk = table[:, pos // bs].to(device)  # [Bd, Lmax]
+            self.decode_off = (pos % bs).expand(len(decode), -1).to(device)  # [Bd, Lmax]
+            lens_t = torch.tensor(lens)
+            # None when every sequence has the same length (no padding to hide)
+            self.decode_mask = None if min(lens) == max_len else (pos[None, :] < lens_t[:, None]).to(device)[:, None, None, :]
+
+        self.prefills: list[_Prefill] = []
+        for b in range(batch.num_seqs):
+            n = batch.query_len(b)
+            if n == 1:
+                continue
+            L = batch.seq_lens[b]
+            pos = torch.arange(L)
+            blk = torch.tensor(batch.block_tables[b], dtype=torch.int64)[pos // bs]
+            mask = None
+            if L > n:  # query i (at position L - n + i) sees keys 0 .. L - n + i
+                mask = (pos[None, :] <= (L - n + torch.arange(n))[:, None]).to(device)
+            self.prefills.append(_Prefill(batch.query_start_loc[b], batch.query_start_loc[b + 1], blk.to(device), (pos % bs).to(device), mask))
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.kv_cache.layer(layer)  # [num_blocks, 2, bs, Hkv, D]
+        cache[self.write_blk, 0, self.write_off] = k
+        cache[self.write_blk, 1, self.write_off] = v
+        out = torch.empty_like(q)  # [T, Hq, D]
+        if self.decode_tokens is not None:
+            keys = cache[self.decode_blk, 0, self.decode_off].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+            vals = cache[self.decode_blk, 1, self.decode_off].transpose(1, 2)
+            qd = q[self.decode_tokens].unsqueeze(2)  # [Bd, Hq, 1, D]
+            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=self.decode_mask, enable_gqa=True)
+            out[self.decode_tokens] = o.squeeze(2)
+        for p in self.prefills:
+            keys = cache[p.blk, 0, p.off].transpose(0, 1)  # [Hkv, L, D]
+            vals = cache[p.blk, 1, p.off].transpose(0, 1)
+            qs = q[p.q_start : p.q_end].transpose(0, 1)  # [Hq, n, D]
+            o = F.scaled_dot_product_attention(
+                qs, keys, vals, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True
+            )
+            out[p.q_start : p.q_end] = o.transpose(0, 1)
+        return out
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> TorchAttentionPlan:
+        return TorchAttentionPlan(batch, kv_cache)

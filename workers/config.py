@@ -1,0 +1,58 @@
+"""Engine configuration, validated when built (fail at the edge, in plain words)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # "default" (embedded SmolLM2), a .gguf file or a HF directory
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda if available, else cpu
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0  # KV pool size, unless num_kv_blocks is set
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64  # running batch cap
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill + decode)
+    chunk_size: int = 512  # most prompt tokens one request computes in one step
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+    num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    seed: int = 0  # seeds the sampling of requests that bring no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.num_kv_blocks is None and self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        for f in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.chunk_size > self.max_num_batched_tokens:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) must not exceed max_num_batched_tokens ({self.max_num_batched_tokens})"
+            )
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+            raise ValueError(f"attention_backend must be auto, torch or flashinfer, got {self.attention_backend!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

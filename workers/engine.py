@@ -1,0 +1,206 @@
+"""The engine: one model, one KV pool, one scheduler; ``add_request / step / abort``.
+
+    step():  schedule -> run the model -> append sampled tokens -> collect finished
+
+Not thread-safe: one caller drives it (the async wrapper runs it on its own thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.attention import get_backend
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.kv_cache import KVCache, KVCacheSpec
+from workers.loader import LoadedModel, load_model, resolve_model
+from workers.model_runner import ModelRunner
+from workers.request import Request, RequestStatus, TokenLogprobs
+from workers.sampler import SampledToken, Sampler
+from workers.sampling_params import SamplingParams
+from workers.scheduler import SchedulerOutput, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (tokens are the *new* ones)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    num_output_tokens: int
+
+
+@dataclass
+class EngineStats:
+    """Counters realized by the engine (what the router's predictions are checked against)."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefill_computed_tokens: int = 0  # tokens run through the model in prefill chunks
+    generation_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        device = config.resolved_device()
+        dtype = config.resolved_dtype()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if loaded is None:
+            loaded = load_model(resolve_model(config.model), dtype=dtype, device=device)
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
+        if self.max_model_len > loaded.config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's context "
+                f"({loaded.config.max_position_embeddings})"
+            )
+        spec = KVCacheSpec.for_model(loaded.config, config.block_size, loaded.dtype)
+        num_blocks = config.num_kv_blocks or spec.num_blocks_for(int(config.kv_cache_memory_gb * 2**30))
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds no block of {spec.bytes_per_block} bytes")
+        self.kv_cache = KVCache(spec, num_blocks, loaded.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(loaded.config.eos_token_ids, config.seed)
+        backend = get_backend(config.attention_backend, loaded.device)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s", num_blocks, config.block_size,
+                 self.kv_cache.nbytes / 2**20, backend.name)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError saying what is wrong; changes nothing."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        n = len(prompt_token_ids)
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.max_model_len} tokens"
+            )
+        need = self.block_manager.blocks_for(n + params.max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {need} KV blocks; "
+                f"the KV pool has {self.block_manager.num_blocks}"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(request_id, prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV; False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the step loop --------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        sampled = self.runner.execute(sched.chunks) if sched.chunks else {}
+        return self._postprocess(sched, sampled)
+
+    def _postprocess(self, sched: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
+        self.stats.steps += 1
+        self.stats.preemptions += len(sched.preempted)
+        outputs = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                if req.num_computed_tokens == req.num_cached_tokens and req.num_preemptions == 0:
+                    self._count_admission(req)
+                self.stats.prefill_computed_tokens += chunk.num_new_tokens
+            self.scheduler.commit(chunk)
+            s = sampled.get(req.request_id)
+            if s is None:
+                continue
+            req.append_token(s.token_id)
+            if s.logprobs is not None:
+                req.output_logprobs.append(s.logprobs)
+            self.stats.generation_tokens += 1
+            reason = self._stop_reason(req, s.token_id)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                del self.requests[req.request_id]
+                self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
+            outputs.append(self._output(req, s))
+        return outputs
+
+    def _count_admission(self, req: Request) -> None:
+        self.stats.prompt_tokens += req.num_prompt_tokens
+        self.stats.prefix_cache_query_tokens += req.num_prompt_tokens
+        self.stats.prefix_cache_hit_tokens += req.num_cached_tokens
+
+    def _stop_reason(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _output(req: Request, s: SampledToken) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[s.token_id],
+            new_logprobs=[s.logprobs] if s.logprobs is not None else [],
+            finished=req.status.finished,
+            finish_reason=req.status.value if req.status.finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens,
+        )
+
+    # ---- convenience ----------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion as one continuous batch; output token ids each."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.requests for rid in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id] += out.new_token_ids
+        return [results[rid] for rid in ids]

@@ -1,0 +1,32 @@
+"""Read a Hugging Face checkpoint directory: config.json + *.safetensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from workers.model.config import ModelConfig
+
+
+def read_config(directory: Path, name: str) -> ModelConfig:
+    with open(directory / "config.json") as f:
+        return ModelConfig.from_hf_dict(json.load(f), name=name)
+
+
+def tensor_names(directory: Path) -> list[tuple[Path, str]]:
+    out = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.extend((file, k) for k in f.keys())
+    return out
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)

@@ -1,0 +1,1 @@
+"""Model definitions: configuration, RoPE, the Llama-family decoder."""

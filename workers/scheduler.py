@@ -1,0 +1,137 @@
+"""Continuous batching with chunked prefill, prefix reuse and preemption.
+
+Every step has a token budget. Running requests go first, in arrival order: a
+decoding request takes one token, a request still in prefill takes the next chunk of
+its prompt. Then waiting requests are admitted (reusing their cached prefix) while
+budget, batch slots and KV blocks last. So prefill and decode tokens share a step,
+and a long prompt never stalls the decodes for more than one chunk.
+
+When a running request needs a block and none is free, the most recently admitted
+running request is preempted: its blocks are freed (cached ones stay in the prefix
+cache) and it goes back to the front of the queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, from request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens (sample one more)."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.config.chunk_size)
+            need = self.bm.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+            while not self.bm.can_allocate(need):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                req.block_ids += self.bm.allocate(need)
+                out.chunks.append(ScheduledChunk(req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it is left in running
+
+        if out.preempted:
+            return out  # memory is tight: admit nobody new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            # A full prefix hit still recomputes the last block: one token must run
+            # through the model to produce logits.
+            usable = (req.num_tokens - 1) // self.bm.block_size
+            prefix = self.bm.match_prefix(req.block_hashes[:usable])
+            num_cached = prefix.num_blocks * self.bm.block_size
+            n = min(req.num_tokens - num_cached, budget, self.config.chunk_size)
+            need = self.bm.blocks_for(num_cached + n) - prefix.num_blocks
+            if not self.bm.can_allocate(need, prefix):
+                break
+            self.waiting.popleft()
+            req.block_ids = self.bm.allocate(need, prefix)
+            req.num_computed_tokens = num_cached
+            req.num_cached_blocks = prefix.num_blocks
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_time = time.monotonic()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_cached_blocks = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def commit(self, chunk: ScheduledChunk) -> None:
+        """After the step ran: the chunk's KV is in the cache; register full blocks."""
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_new_tokens
+        full = req.num_computed_tokens // self.bm.block_size
+        if full > req.num_cached_blocks:
+            self.bm.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
+            req.num_cached_blocks = full
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a request (finished or aborted) and free its blocks."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not req.status.finished:
+            self.waiting.remove(req)
+        if req.block_ids:
+            self.bm.free(req.block_ids)
+            req.block_ids = []
+        req.status = status
