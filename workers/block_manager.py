@@ -144,6 +144,7 @@ class BlockManager:
             return 0
         stored: list[BlockHash] = []
         first_parent: BlockHash | None = None
+        newly = 0
         for i in range(start, end):
             blk = self.blocks[block_ids[i]]
             h = block_hashes[i]
@@ -158,9 +159,10 @@ class BlockManager:
             if not stored:
                 first_parent = parent
             stored.append(h)
+            newly += 1
         if stored:
             self._emit(BlockStored(self._next_seq(), tuple(stored), first_parent))
-        return end - start
+        return newly
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only allowed when no block is in use."""

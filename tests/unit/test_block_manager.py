@@ -392,11 +392,6 @@ def test_cache_blocks_splits_runs_around_duplicate(bm):
     assert bm.match_prefix(h) == PrefixMatch((2, 1, 4, 5), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cache_blocks returns end - start, not the number of newly cached "
-    "blocks as its docstring promises (duplicates / already-cached blocks are counted)",
-)
 def test_cache_blocks_returns_number_newly_cached(bm):
     h = hashes(3)
     a = bm.allocate(3)
