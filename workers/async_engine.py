@@ -60,14 +60,22 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         timeout_s: float | None = None,
+        start: Callable[[], RequestOutput | None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; raises ValueError for bad input, TimeoutError
-        past ``timeout_s``, EngineDeadError if the engine stops."""
+        past ``timeout_s``, EngineDeadError if the engine stops.
+
+        ``start`` (run on the engine thread) replaces ``engine.add_request`` for a
+        request that enters the engine another way, e.g. a decode worker admitting a
+        request whose KV arrived from a prefill worker."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        await self.run_on_engine(lambda: self._add(request_id, list(prompt_token_ids), params, loop, q))
+        if start is None:
+            prompt = list(prompt_token_ids)
+            start = lambda: self.engine.add_request(request_id, prompt, params)  # noqa: E731
+        await self.run_on_engine(lambda: self._start(request_id, start, loop, q))
         finished = False
         try:
             while True:
@@ -121,9 +129,12 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError(f"engine is not running: {self._error!r}")
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, loop, q: asyncio.Queue) -> None:
-        self.engine.add_request(rid, prompt, params)  # raises ValueError to the caller
+    def _start(self, rid: str, start: Callable[[], RequestOutput | None], loop, q: asyncio.Queue) -> None:
+        out = start()  # raises ValueError (bad input) to the caller
         self._streams[rid] = (loop, q)
+        if out is not None:  # finished on entry (e.g. its first token was EOS)
+            self._deliver(rid, out)
+            self._streams.pop(rid, None)
 
     def _abort(self, rid: str) -> bool:
         self._streams.pop(rid, None)

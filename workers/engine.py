@@ -41,6 +41,26 @@ class RequestOutput:
     num_output_tokens: int
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks a decode engine set aside for a request whose prompt KV comes from a
+    prefill worker. The first ``num_cached_blocks`` prompt blocks were already in this
+    engine's prefix cache; blocks ``[num_cached_blocks, len(block_ids))`` must arrive."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_blocks: int
+    block_ids: tuple[int, ...]
+
+    @property
+    def num_missing_blocks(self) -> int:
+        return len(self.block_ids) - self.num_cached_blocks
+
+
+class CapacityError(RuntimeError):
+    """The KV pool cannot take this request now (retry later or elsewhere)."""
+
+
 @dataclass
 class EngineStats:
     """Counters realized by the engine (what the router's predictions are checked against)."""
@@ -51,6 +71,7 @@ class EngineStats:
     prefill_computed_tokens: int = 0  # tokens run through the model in prefill chunks
     generation_tokens: int = 0
     preemptions: int = 0
+    kv_recomputes: int = 0  # handed-off requests whose KV never arrived: recomputed here
     steps: int = 0
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -83,6 +104,7 @@ class Engine:
         backend = get_backend(config.attention_backend, loaded.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
         self.requests: dict[str, Request] = {}
+        self.reserved: dict[str, Request] = {}  # waiting for their KV from a prefill worker
         self.stats = EngineStats()
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s", num_blocks, config.block_size,
                  self.kv_cache.nbytes / 2**20, backend.name)
@@ -123,8 +145,93 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        if self.reserved.pop(request_id, None) is not None:
+            self.block_manager.free(req.block_ids)
+            req.block_ids = []
+            req.status = RequestStatus.FINISHED_ABORTED
+            return True
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         return True
+
+    # ---- disaggregation: the decode side of a handoff ---------------------------------
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation:
+        """Set aside blocks for a prompt whose KV a prefill worker will send; reuse
+        every full prompt block this engine already caches (those are not sent)."""
+        self.validate(request_id, prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
+        bm = self.block_manager
+        prefix = bm.match_prefix(req.block_hashes)  # full prompt blocks only
+        need = bm.blocks_for(req.num_prompt_tokens) - prefix.num_blocks
+        if not bm.can_allocate(need, prefix):
+            raise CapacityError(
+                f"KV pool full: {need} blocks needed, {bm.num_free_blocks - prefix.num_free} available"
+            )
+        req.block_ids = bm.allocate(need, prefix)
+        req.num_cached_blocks = prefix.num_blocks
+        req.num_cached_tokens = prefix.num_blocks * self.config.block_size
+        self.requests[request_id] = req
+        self.reserved[request_id] = req
+        return Reservation(request_id, req.num_prompt_tokens, prefix.num_blocks, tuple(req.block_ids))
+
+    def admit_prefilled(
+        self,
+        request_id: str,
+        first_token: int | None,
+        first_logprobs: TokenLogprobs | None = None,
+        kv_layers: list[torch.Tensor] | None = None,
+        rng_state: torch.Tensor | None = None,
+    ) -> RequestOutput | None:
+        """Start decoding a reserved request.
+
+        With ``kv_layers`` (one buffer per layer holding the missing blocks' pages,
+        ``[num_missing, 2, block_size, Hkv, D]`` each) the pages are installed and the
+        request joins the running batch at its true position. Without them (the
+        transfer failed or the prefill worker died) the prompt is recomputed here, and
+        counted. ``first_token`` (sampled by the prefill worker) continues the output;
+        None means it was never produced. ``rng_state`` continues the prefill worker's
+        sampling RNG, so a seeded request samples exactly as on one worker. Returns an
+        output if the first token already ends the request."""
+        req = self.reserved.pop(request_id)
+        if rng_state is not None:
+            req.generator = torch.Generator().manual_seed(0)
+            req.generator.set_state(rng_state)
+        if kv_layers is None:
+            self.block_manager.free(req.block_ids)
+            req.block_ids, req.num_cached_blocks, req.num_cached_tokens = [], 0, -1
+            self.stats.kv_recomputes += 1
+        else:
+            self._install(req, kv_layers)
+        if first_token is None:
+            self.scheduler.add(req)
+            return None
+        req.append_token(first_token)
+        if first_logprobs is not None:
+            req.output_logprobs.append(first_logprobs)
+        if kv_layers is not None:
+            req.status = RequestStatus.RUNNING
+            self.scheduler.running.append(req)
+        else:
+            self.scheduler.add(req)
+        reason = self._stop_reason(req, first_token)
+        if reason is None:
+            return None
+        self._finish(req, reason)
+        return self._output(req, first_token, first_logprobs)
+
+    def _install(self, req: Request, kv_layers: list[torch.Tensor]) -> None:
+        spec = self.kv_cache.spec
+        if len(kv_layers) != spec.num_layers:
+            raise ValueError(f"expected KV for {spec.num_layers} layers, got {len(kv_layers)}")
+        ids = torch.tensor(req.block_ids[req.num_cached_blocks :], dtype=torch.int64, device=self.kv_cache.storage.device)
+        shape = (len(ids), 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        for layer, buf in enumerate(kv_layers):
+            self.kv_cache.layer(layer)[ids] = buf.view(shape).to(self.kv_cache.storage.device, spec.dtype)
+        req.num_computed_tokens = req.num_prompt_tokens
+        full = req.num_prompt_tokens // self.config.block_size
+        self.block_manager.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
+        req.num_cached_blocks = full
+        self._count_admission(req)
 
     @property
     def has_unfinished(self) -> bool:
@@ -157,11 +264,14 @@ class Engine:
             self.stats.generation_tokens += 1
             reason = self._stop_reason(req, s.token_id)
             if reason is not None:
-                self.scheduler.finish(req, reason)
-                del self.requests[req.request_id]
-                self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
-            outputs.append(self._output(req, s))
+                self._finish(req, reason)
+            outputs.append(self._output(req, s.token_id, s.logprobs))
         return outputs
+
+    def _finish(self, req: Request, reason: RequestStatus) -> None:
+        self.scheduler.finish(req, reason)
+        del self.requests[req.request_id]
+        self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
 
     def _count_admission(self, req: Request) -> None:
         self.stats.prompt_tokens += req.num_prompt_tokens
@@ -178,11 +288,11 @@ class Engine:
         return None
 
     @staticmethod
-    def _output(req: Request, s: SampledToken) -> RequestOutput:
+    def _output(req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
-            new_token_ids=[s.token_id],
-            new_logprobs=[s.logprobs] if s.logprobs is not None else [],
+            new_token_ids=[token],
+            new_logprobs=[logprobs] if logprobs is not None else [],
             finished=req.status.finished,
             finish_reason=req.status.value if req.status.finished else None,
             num_prompt_tokens=req.num_prompt_tokens,

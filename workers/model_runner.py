@@ -28,6 +28,10 @@ class ModelRunner:
         # Observer of every sampled row's raw logits: (request ids, [N, V] float32).
         # For tests and the quality harness; None in serving.
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
+        # Called after each layer with (this step's chunks, layer index), once that
+        # layer's K/V are in the cache: how a prefill worker ships a layer's pages
+        # while later layers still compute.
+        self.layer_observer: Callable[[list[ScheduledChunk], int], None] | None = None
 
     def build_batch(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         ids, pos, slots = [], [], []
@@ -48,12 +52,12 @@ class ModelRunner:
         slot_mapping = torch.from_numpy(np.concatenate(slots))
         return input_ids, positions, AttentionBatch(qsl, seq_lens, tables, slot_mapping, bs)
 
-    def execute(
-        self, chunks: list[ScheduledChunk], after_layer: Callable[[int], None] | None = None
-    ) -> dict[str, SampledToken]:
+    def execute(self, chunks: list[ScheduledChunk]) -> dict[str, SampledToken]:
         """Compute every chunk's KV; returns the sampled token per request that samples."""
         input_ids, positions, batch = self.build_batch(chunks)
         plan = self.backend.plan(batch, self.kv_cache, self.model.config.num_heads)
+        observer = self.layer_observer
+        after_layer = None if observer is None else (lambda i: observer(chunks, i))
         hidden = self.model(input_ids, positions, plan, after_layer)
         sampling = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
         if not sampling:

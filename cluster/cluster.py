@@ -1,0 +1,173 @@
+"""The serving cluster: a prefill pool and a decode pool (or one colocated pool), and
+the handoff that carries one request across them.
+
+    reserve on D ──► prefill on P (pages stream P→D layer by layer) ──► first token
+        ──► decode on D (streams the rest)
+
+Failure semantics, each with a deadline:
+- the transfer fails or times out: D recomputes the prompt itself (counted there);
+- P dies or times out: D recomputes (P's pool restarts it);
+- D dies before any token reached the caller: the request is retried on another D;
+  after that, the caller gets WorkerDiedError.
+Placement here is deliberately simple (round-robin prefill, least-loaded decode); the
+router's KV-aware policy plugs in through ``choose``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from cluster.config import ClusterConfig
+from cluster.kv_layout import LayoutMismatchError
+from cluster.pool import Resources, WorkerPool, WorkerState
+from cluster.worker_handle import WorkerDiedError
+from workers.engine import CapacityError, RequestOutput
+from workers.sampling_params import SamplingParams
+from workers.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class NoWorkerError(RuntimeError):
+    """No healthy worker can take the request (the caller should answer 503)."""
+
+
+@dataclass
+class ClusterCounters:
+    requests: int = 0
+    prefill_failures: int = 0  # prefill worker died or timed out: decode recomputed
+    decode_retries: int = 0  # decode worker died before the first token: retried elsewhere
+
+
+Chooser = Callable[[list[WorkerState], list[WorkerState], list[int]], tuple[WorkerState | None, WorkerState]]
+
+
+class KVRelayCluster:
+    def __init__(self, config: ClusterConfig, use_ray: bool = True, choose: Chooser | None = None) -> None:
+        self.config = config
+        self.use_ray = use_ray
+        self.counters = ClusterCounters()
+        self._rr = itertools.count()
+        self._choose = choose or self._default_choice
+        pools = config.pools
+        res = Resources(pools.cpus_per_worker, pools.gpus_per_worker, pools.max_restarts)
+        engine = config.engine_config()
+        dl = config.deadlines
+        transport = "none" if pools.colocated else config.transfer.transport
+
+        def specs(role: str, n: int) -> list[WorkerSpec]:
+            return [WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s) for i in range(n)]
+
+        if pools.colocated:
+            self.prefill = None
+            self.decode = WorkerPool("colocated", specs("colocated", pools.decode_workers), res, use_ray)
+        else:
+            self.prefill = WorkerPool("prefill", specs("prefill", pools.prefill_workers), res, use_ray)
+            self.decode = WorkerPool("decode", specs("decode", pools.decode_workers), res, use_ray)
+
+    @property
+    def pools(self) -> list[WorkerPool]:
+        return [p for p in (self.prefill, self.decode) if p is not None]
+
+    async def start(self) -> None:
+        dl = self.config.deadlines
+        await asyncio.gather(*(p.start(dl.startup_s) for p in self.pools))
+        for p in self.pools:
+            p.start_probing(dl.health_interval_s, dl.health_timeout_s)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(p.drain(self.config.deadlines.drain_s) for p in self.pools), return_exceptions=True)
+
+    # ---- placement --------------------------------------------------------------------
+
+    def _default_choice(self, prefill: list[WorkerState], decode: list[WorkerState], prompt: list[int]):
+        p = prefill[next(self._rr) % len(prefill)] if prefill else None
+        d = min(decode, key=lambda w: (w.health.running + w.health.waiting if w.health else 0, -(w.health.free_blocks if w.health else 0)))
+        return p, d
+
+    def _place(self, prompt: list[int], exclude: set[str]) -> tuple[WorkerState | None, WorkerState]:
+        decode = [w for w in self.decode.healthy() if w.handle.name not in exclude]
+        if not decode:
+            raise NoWorkerError(f"no healthy {self.decode.role} worker")
+        prefill = [] if self.prefill is None else self.prefill.healthy()
+        if self.prefill is not None and not prefill:
+            raise NoWorkerError("no healthy prefill worker")
+        return self._choose(prefill, decode, prompt)
+
+    # ---- one request ------------------------------------------------------------------
+
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; tokens are never repeated across retries."""
+        rid = request_id or f"req-{uuid.uuid4().hex}"
+        self.counters.requests += 1
+        emitted = 0
+        tried: set[str] = set()
+        while True:
+            p, d = self._place(prompt, tried)
+            try:
+                async for out in self._attempt(rid, prompt, params, p, d):
+                    fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
+                    emitted = max(emitted, out.num_output_tokens)
+                    yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
+                                        out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens)
+                return
+            except WorkerDiedError as e:
+                self.decode.mark_down(d.handle)
+                tried.add(d.handle.name)
+                if emitted > 0 or not [w for w in self.decode.healthy() if w.handle.name not in tried]:
+                    raise
+                self.counters.decode_retries += 1
+                log.warning("%s: %s; retrying on another decode worker", rid, e)
+
+    async def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, p: WorkerState | None, d: WorkerState) -> AsyncIterator[RequestOutput]:
+        dl = self.config.deadlines
+        if p is None:  # colocated
+            async for out in d.handle.stream("generate", rid, prompt, params, item_timeout_s=dl.token_s):
+                yield out
+            return
+        desc = await d.handle.call("reserve", rid, prompt, params, p.layout, timeout_s=dl.reserve_s)
+        finished = False
+        try:
+            first = None
+            try:
+                first = await p.handle.call("prefill", rid, prompt, params, desc, timeout_s=dl.prefill_s)
+            except (WorkerDiedError, TimeoutError) as e:
+                self.counters.prefill_failures += 1
+                self.prefill.mark_down(p.handle)
+                log.warning("%s: prefill on %s failed (%s); decode worker recomputes", rid, p.handle.name, e)
+            if first is not None:
+                yield RequestOutput(rid, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
+                                    False, None, first.num_prompt_tokens, first.num_cached_tokens, 1)
+            args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None)
+            async for out in d.handle.stream("decode", *args, item_timeout_s=dl.token_s):
+                yield out
+                finished = out.finished
+        finally:
+            if not finished:  # cancelled, failed or abandoned: free the blocks on D
+                await self._abort_quietly(d, rid)
+
+    async def _abort_quietly(self, w: WorkerState, rid: str) -> None:
+        try:
+            await w.handle.call("abort", rid, timeout_s=5.0)
+        except Exception as e:  # the worker may be gone; its restart frees everything anyway
+            log.debug("abort %s on %s: %s", rid, w.handle.name, e)
+
+    # ---- introspection ----------------------------------------------------------------
+
+    async def worker_stats(self) -> list[dict]:
+        out = []
+        for pool in self.pools:
+            for w in pool.workers:
+                try:
+                    out.append(await w.handle.call("stats", timeout_s=5.0))
+                except Exception as e:  # down workers report as such
+                    out.append({"role": pool.role, "index": w.handle.index, "error": str(e)})
+        return out
+
+
+__all__ = ["KVRelayCluster", "NoWorkerError", "CapacityError", "LayoutMismatchError"]

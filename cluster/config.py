@@ -1,0 +1,147 @@
+"""The cluster's typed configuration: YAML file + command-line overrides, validated
+at start with messages that say what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers.config import EngineConfig
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSection(_Strict):
+    model: str = "default"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    block_size: int = 16
+    kv_cache_memory_gb: float = Field(0.5, gt=0)  # per worker
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    chunk_size: int = Field(512, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+
+
+class PoolSection(_Strict):
+    prefill_workers: int = Field(1, ge=0)
+    decode_workers: int = Field(1, ge=1)
+    colocated: bool = False  # every worker does prefill and decode; no transfer (the baseline)
+    # Ray resources per worker actor. gpus_per_worker 0 = CPU actor; fractions let both
+    # pools share one GPU for testing.
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1)  # torch threads; default: cpus_per_worker
+    max_restarts: int = Field(3, ge=-1)  # Ray restarts a dead worker up to this many times (-1: forever)
+
+
+class TransferSection(_Strict):
+    transport: Literal["ucx", "inprocess"] = "ucx"
+
+
+class Deadlines(_Strict):
+    startup_s: float = Field(300.0, gt=0)  # a worker loads its model within this
+    reserve_s: float = Field(10.0, gt=0)  # decode worker sets KV blocks aside
+    prefill_s: float = Field(120.0, gt=0)  # prefill worker returns the first token
+    transfer_s: float = Field(30.0, gt=0)  # all pages arrive (else recompute on decode)
+    token_s: float = Field(60.0, gt=0)  # longest gap between two streamed tokens
+    health_interval_s: float = Field(1.0, gt=0)
+    health_timeout_s: float = Field(5.0, gt=0)
+    drain_s: float = Field(30.0, gt=0)
+
+
+class ClusterConfig(_Strict):
+    engine: EngineSection = EngineSection()
+    pools: PoolSection = PoolSection()
+    transfer: TransferSection = TransferSection()
+    deadlines: Deadlines = Deadlines()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if not self.pools.colocated and self.pools.prefill_workers < 1:
+            raise ValueError("pools.prefill_workers must be >= 1 unless pools.colocated is true")
+        if self.engine.chunk_size > self.engine.max_num_batched_tokens:
+            raise ValueError(
+                f"engine.chunk_size ({self.engine.chunk_size}) must not exceed "
+                f"engine.max_num_batched_tokens ({self.engine.max_num_batched_tokens})"
+            )
+        self.engine_config()  # EngineConfig's own checks (block size, ...)
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        e = self.engine
+        threads = self.pools.threads_per_worker or max(1, int(self.pools.cpus_per_worker))
+        device = "cuda" if self.pools.gpus_per_worker > 0 else "cpu"
+        return EngineConfig(
+            model=e.model, dtype=e.dtype, device=device, block_size=e.block_size,
+            kv_cache_memory_gb=e.kv_cache_memory_gb, max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
+            max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
+            attention_backend=e.attention_backend, num_threads=threads,
+        )
+
+    # ---- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> "ClusterConfig":
+        """From a nested dict plus dotted-key overrides (``{"pools.decode_workers": 2}``)."""
+        merged = _deep_copy(data or {})
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = merged
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{key}: {p} is not a section")
+            node[leaf] = value
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(_explain(e)) from None
+        except ValueError as e:
+            raise ConfigError(f"invalid configuration: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "ClusterConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {str(p)!r} does not exist")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+        return cls.build(data, overrides)
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        elif not where:
+            lines.append(msg)
+        else:
+            lines.append(f"{where}: {msg} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

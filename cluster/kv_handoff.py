@@ -1,0 +1,156 @@
+"""The KV handoff protocol between a prefill worker (sender) and a decode worker
+(receiver), on top of any KVTransport.
+
+    decode worker                                   prefill worker
+    reserve(): blocks set aside, recvs posted ─desc─► KVSender(desc): layouts checked,
+      header + one recv per layer                     ack recv posted, header sent
+                                                    layer 0 computed ─► pages of layer 0
+      layer 0 arrives (timestamped)  ◄───────────── layer 1 computed ─► pages of layer 1
+      ...                                             ...
+      all layers in ─► ack ───────────────────────► finish(): sends done + ack = success
+
+Tags: one 48-bit transfer id per request, shifted left 16 bits; the low 16 bits name
+the message (layer index, HEADER, ACK), so many transfers share one endpoint. Only
+the blocks the decode worker lacks travel (``start_block``, ``num_blocks``); each
+layer's pages go as one contiguous buffer ``[num_blocks, 2, block_size, Hkv, D]``.
+Every wait has the descriptor's deadline; on any failure the decode worker recomputes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import xxhash
+
+from cluster.kv_layout import KVLayout, LayoutMismatchError
+from cluster.transport.base import KVTransport, TransferError
+
+HEADER = 0xFFFE
+ACK = 0xFFFF
+HEADER_BYTES = 4096
+ACK_OK = 1
+
+
+def new_transfer_tag(request_id: str) -> int:
+    """A fresh 48-bit id per transfer attempt, in the high bits of a 64-bit tag."""
+    return (xxhash.xxh3_64(f"{request_id}/{uuid.uuid4()}".encode()).intdigest() & ((1 << 48) - 1)) << 16
+
+
+@dataclass(frozen=True)
+class TransferDescriptor:
+    """Made by the decode worker, carried to the prefill worker: where and what to send."""
+
+    request_id: str
+    tag: int
+    receiver: bytes  # the decode worker's transport address
+    transport: str
+    layout: KVLayout  # the decode worker's
+    start_block: int  # first prompt block the decode worker lacks
+    num_blocks: int  # blocks to send, from start_block
+    timeout_s: float
+
+    @property
+    def bytes_per_layer(self) -> int:
+        return self.num_blocks * self.layout.bytes_per_block_per_layer
+
+
+@dataclass
+class TransferOutcome:
+    ok: bool
+    reason: str | None  # None when ok; a TransferError reason otherwise
+    bytes_sent: int  # KV payload bytes (headers and acks excluded)
+    full_bytes: int  # what shipping every prompt page would have cost
+    layer_sent_at: dict[int, float] = field(default_factory=dict)  # wall clock, per layer
+
+
+def _as_future(f: Future, remaining: float) -> asyncio.Future:
+    return asyncio.wait_for(asyncio.wrap_future(f), max(remaining, 0.001))
+
+
+class KVSender:
+    """Prefill side of one transfer. ``send_layer`` is called from the engine thread."""
+
+    def __init__(self, transport: KVTransport, desc: TransferDescriptor, layout: KVLayout, num_prompt_blocks: int) -> None:
+        if transport.name != desc.transport:
+            raise LayoutMismatchError(f"decode worker uses transport {desc.transport!r}, this worker {transport.name!r}")
+        layout.check_peer(desc.layout, "decode worker")
+        self.transport, self.desc, self.layout = transport, desc, layout
+        self.deadline = time.monotonic() + desc.timeout_s
+        self.full_bytes = num_prompt_blocks * layout.num_layers * layout.bytes_per_block_per_layer
+        self.bytes_sent = 0
+        self.layer_sent_at: dict[int, float] = {}
+        self._futures: list[Future] = []
+        self._ack_buf = np.zeros(8, dtype=np.uint8)
+        self._ack = transport.recv(desc.tag | ACK, self._ack_buf, desc.timeout_s)
+        header = json.dumps(
+            {"wire": layout.wire_version, "layout": layout.digest(), "sender": transport.address.hex(),
+             "request_id": desc.request_id, "layers": layout.num_layers, "bytes_per_layer": desc.bytes_per_layer}
+        ).encode()
+        self._futures.append(transport.send(desc.receiver, desc.tag | HEADER, header.ljust(HEADER_BYTES), desc.timeout_s))
+
+    def send_layer(self, layer: int, pages: torch.Tensor) -> None:
+        """pages [num_blocks, 2, block_size, Hkv, D], contiguous, ready to read."""
+        remaining = self.deadline - time.monotonic()
+        self._futures.append(self.transport.send(self.desc.receiver, self.desc.tag | layer, pages, max(remaining, 0.001)))
+        self.bytes_sent += pages.numel() * pages.element_size()
+        self.layer_sent_at[layer] = time.time()
+
+    async def finish(self) -> TransferOutcome:
+        """Wait for every send and the receiver's ack, within the deadline."""
+        try:
+            for f in self._futures:
+                await _as_future(f, self.deadline - time.monotonic())
+            await _as_future(self._ack, self.deadline - time.monotonic())
+            if int(self._ack_buf[0]) != ACK_OK:
+                raise TransferError("peer", "decode worker refused the transfer")
+            return self._outcome(True, None)
+        except TransferError as e:
+            return self._outcome(False, e.reason)
+        except (asyncio.TimeoutError, TimeoutError):
+            return self._outcome(False, "timeout")
+
+    def _outcome(self, ok: bool, reason: str | None) -> TransferOutcome:
+        return TransferOutcome(ok, reason, self.bytes_sent, self.full_bytes, dict(self.layer_sent_at))
+
+
+class KVReceiver:
+    """Decode side of one transfer: posts its receives at once (so layers can land
+    while the prefill still runs) and records when each layer arrived."""
+
+    def __init__(self, transport: KVTransport, desc: TransferDescriptor, dtype: torch.dtype, device: torch.device) -> None:
+        self.transport, self.desc = transport, desc
+        lay = desc.layout
+        self.deadline = time.monotonic() + desc.timeout_s
+        self.layer_received_at: dict[int, float] = {}
+        self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
+        self._header_f = transport.recv(desc.tag | HEADER, self._header, desc.timeout_s)
+        shape = (desc.num_blocks, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(lay.num_layers)]
+        self._layer_f: list[Future] = []
+        if desc.num_blocks:
+            for i, buf in enumerate(self.layers):
+                f = transport.recv(desc.tag | i, buf, desc.timeout_s)
+                f.add_done_callback(lambda _f, i=i: self.layer_received_at.setdefault(i, time.time()))
+                self._layer_f.append(f)
+
+    async def wait(self) -> list[torch.Tensor]:
+        """All layers, after checking the sender's header; then ack. Raises TransferError."""
+        try:
+            await _as_future(self._header_f, self.deadline - time.monotonic())
+            header = json.loads(bytes(self._header).rstrip(b" \x00"))
+            if header["wire"] != self.desc.layout.wire_version or header["layout"] != self.desc.layout.digest():
+                raise TransferError("peer", f"sender's wire version/layout differ: {header}")
+            for f in self._layer_f:
+                await _as_future(f, self.deadline - time.monotonic())
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransferError("timeout", f"KV for {self.desc.request_id} did not arrive within {self.desc.timeout_s}s") from None
+        ack = np.array([ACK_OK] + [0] * 7, dtype=np.uint8)
+        self.transport.send(bytes.fromhex(header["sender"]), self.desc.tag | ACK, ack, 5.0)
+        return self.layers

@@ -1,0 +1,85 @@
+"""One way to call a worker, whether it is a Ray actor or an object in this process.
+
+Every call and every streamed item has a deadline; a worker that died surfaces as
+WorkerDiedError (whatever Ray calls it), a deadline as TimeoutError."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+class WorkerDiedError(RuntimeError):
+    """The worker process died (or was killed) while serving a call."""
+
+
+def _ray_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    except ImportError:
+        return ()
+    return (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """Ray wraps an actor's exception in RayTaskError; give back the original."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) and type(e).__name__.startswith("RayTaskError") else e
+
+
+class WorkerHandle:
+    def __init__(self, role: str, index: int, target: Any, is_ray: bool) -> None:
+        self.role, self.index = role, index
+        self.target = target  # a Ray ActorHandle or the worker object itself
+        self.is_ray = is_ray
+        self.name = f"{role}-{index}"
+
+    def __repr__(self) -> str:
+        return f"<worker {self.name}>"
+
+    async def call(self, method: str, *args: Any, timeout_s: float) -> Any:
+        try:
+            if self.is_ray:
+                return await asyncio.wait_for(getattr(self.target, method).remote(*args), timeout_s)
+            return await asyncio.wait_for(getattr(self.target, method)(*args), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{self.name}.{method} did not answer within {timeout_s}s") from None
+        except _ray_errors() as e:
+            raise WorkerDiedError(f"{self.name} died during {method}: {e}") from e
+        except Exception as e:
+            raise unwrap(e) from None
+
+    async def stream(self, method: str, *args: Any, item_timeout_s: float) -> AsyncIterator[Any]:
+        """Iterate a streaming method; each item must come within ``item_timeout_s``."""
+        if self.is_ray:
+            gen = getattr(self.target, method).options(num_returns="streaming").remote(*args)
+        else:
+            gen = getattr(self.target, method)(*args)
+        done = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(gen.__anext__(), item_timeout_s)
+                    if self.is_ray:
+                        item = await asyncio.wait_for(item, item_timeout_s)
+                except StopAsyncIteration:
+                    done = True
+                    return
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{self.name}.{method} sent nothing for {item_timeout_s}s") from None
+                except _ray_errors() as e:
+                    raise WorkerDiedError(f"{self.name} died during {method}: {e}") from e
+                except Exception as e:
+                    raise unwrap(e) from None
+                yield item
+        finally:
+            if not self.is_ray:
+                await gen.aclose()
+            elif not done:
+                import ray
+
+                try:
+                    ray.cancel(gen)  # stop the actor-side generator: the worker aborts the request
+                except Exception:  # already finished, or the actor is gone
+                    pass

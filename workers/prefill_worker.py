@@ -1,0 +1,114 @@
+"""The prefill worker: computes a prompt's KV (reusing its own prefix cache), samples
+the first token, and streams the pages the decode worker lacks, layer by layer, while
+later layers are still computing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.kv_handoff import KVSender, TransferDescriptor
+from workers.request import TokenLogprobs
+from workers.sampling_params import SamplingParams
+from workers.scheduler import ScheduledChunk
+from workers.worker import WorkerBase, WorkerSpec
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token: int
+    first_logprobs: TokenLogprobs | None
+    rng_state: torch.Tensor | None  # the sampling RNG after the first token
+    num_prompt_tokens: int
+    num_cached_tokens: int  # served from this worker's prefix cache
+    bytes_sent: int  # KV payload handed to the transport (only the pages D lacks)
+    full_bytes: int
+    layer_computed_at: dict[int, float]  # wall clock when each layer's K/V were in the cache
+    layer_sent_at: dict[int, float]
+    prefill_seconds: float
+
+
+class PrefillWorker(WorkerBase):
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self._exports: dict[str, KVSender] = {}
+        self._layer_times: dict[str, dict[int, float]] = {}
+        self._settling: set[asyncio.Task] = set()
+        self.recent: dict[str, PrefillResult] = {}  # last results, for probes and tests
+        self.engine.runner.layer_observer = self._on_layer
+
+    def _on_layer(self, chunks: list[ScheduledChunk], layer: int) -> None:
+        """Engine thread, inside the forward pass: ship this layer of every request
+        whose last prompt chunk is in this step."""
+        for c in chunks:
+            sender = self._exports.get(c.request.request_id)
+            if sender is None or not c.samples:
+                continue
+            self._layer_times[c.request.request_id][layer] = time.time()
+            d = sender.desc
+            if d.num_blocks == 0:
+                continue
+            ids = torch.tensor(c.request.block_ids[d.start_block : d.start_block + d.num_blocks], device=self.engine.kv_cache.storage.device)
+            pages = self.engine.kv_cache.layer(layer)[ids]  # [n, 2, bs, Hkv, D], a contiguous copy
+            if pages.is_cuda:  # UCX reads the memory directly: the copy must be done
+                torch.cuda.current_stream().synchronize()
+            sender.send_layer(layer, pages)
+
+    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, desc: TransferDescriptor) -> PrefillResult:
+        """Raises LayoutMismatchError (refused handshake) or ValueError (bad input)."""
+        start = time.perf_counter()
+        num_blocks = self.engine.block_manager.blocks_for(len(prompt))
+        sender = KVSender(self.transport, desc, self.layout, num_blocks)
+        self._exports[request_id] = sender
+        self._layer_times[request_id] = {}
+        first_only = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        holder = {}
+
+        def admit():
+            self.engine.add_request(request_id, prompt, first_only)
+            holder["req"] = self.engine.requests[request_id]
+
+        try:
+            first = None
+            async for out in self.aengine.generate(request_id, prompt, first_only, timeout_s=self.spec.prefill_timeout_s, start=admit):
+                first = out
+        finally:
+            self._exports.pop(request_id, None)
+            layer_times = self._layer_times.pop(request_id, {})
+        self.transfer_bytes += sender.bytes_sent
+        self.transfer_full_bytes += sender.full_bytes
+        # The first token goes back now; the sends finish (and are acked) on their own.
+        task = asyncio.get_running_loop().create_task(self._settle(sender))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        req = holder["req"]
+        result = PrefillResult(
+            request_id=request_id,
+            first_token=first.new_token_ids[0],
+            first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
+            rng_state=req.generator.get_state() if req.generator is not None else None,
+            num_prompt_tokens=len(prompt),
+            num_cached_tokens=first.num_cached_tokens,
+            bytes_sent=sender.bytes_sent,
+            full_bytes=sender.full_bytes,
+            layer_computed_at=layer_times,
+            layer_sent_at=dict(sender.layer_sent_at),
+            prefill_seconds=time.perf_counter() - start,
+        )
+        self.recent[request_id] = result
+        while len(self.recent) > 256:
+            self.recent.pop(next(iter(self.recent)))
+        return result
+
+    async def _settle(self, sender: KVSender) -> None:
+        outcome = await sender.finish()
+        if not outcome.ok:
+            self.transfer_failures[outcome.reason or "unknown"] += 1
+
+    async def prefill_log(self, request_id: str) -> PrefillResult | None:
+        return self.recent.get(request_id)

@@ -1,0 +1,152 @@
+"""What every worker actor has: one engine on its own thread, a KV transport, health,
+counters, and KV events. Role-specific work lives in prefill_worker / decode_worker.
+
+Workers are plain classes with async methods; the pool turns them into Ray actors
+(``ray.remote(cls)``), and tests may also run them in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cluster.kv_events import KVEvent, KVSnapshot
+from cluster.kv_layout import KVLayout
+from workers.async_engine import AsyncEngine
+from workers.config import EngineConfig
+from workers.engine import Engine, RequestOutput
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "prefill" | "decode" | "colocated"
+    index: int
+    engine: EngineConfig
+    transport: str  # "ucx" | "inprocess" | "none"
+    token_timeout_s: float = 60.0
+    transfer_timeout_s: float = 30.0
+    prefill_timeout_s: float = 120.0
+    # Test-only fault injection on this worker's sends: {"mode": "fail"|"drop"|"delay", "delay_s": s}
+    transport_faults: dict | None = None
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    role: str
+    index: int
+    pid: int
+    started_at: float  # changes when the worker restarts
+    engine_alive: bool
+    running: int
+    waiting: int
+    kv_usage: float
+    free_blocks: int
+
+
+class WorkerBase:
+    def __init__(self, spec: WorkerSpec) -> None:
+        logging.basicConfig(level=os.environ.get("KVRELAY_LOG_LEVEL", "WARNING").upper())
+        self.spec = spec
+        self.started_at = time.time()
+        if spec.engine.num_threads:
+            torch.set_num_threads(spec.engine.num_threads)
+        self.engine = Engine(spec.engine)
+        self.aengine = AsyncEngine(self.engine)
+        kv = self.engine.kv_cache.spec
+        self.layout = KVLayout(
+            model_id=self.engine.model_config.name,
+            dtype=str(kv.dtype).removeprefix("torch."),
+            num_layers=kv.num_layers,
+            num_kv_heads=kv.num_kv_heads,
+            head_dim=kv.head_dim,
+            block_size=kv.block_size,
+        )
+        self.transport = None
+        if spec.transport != "none":
+            from cluster.transport import make_transport
+
+            self.transport = make_transport(spec.transport)
+            if spec.transport_faults:
+                from cluster.transport.faults import FaultyTransport
+
+                mode = spec.transport_faults.get("mode", "fail")
+                self.transport = FaultyTransport(
+                    self.transport,
+                    drop=mode == "drop",
+                    delay_s=float(spec.transport_faults.get("delay_s", 0.0)) if mode == "delay" else 0.0,
+                )
+        self.transfer_failures: Counter[str] = Counter()
+        self.transfer_bytes = 0
+        self.transfer_full_bytes = 0
+        self.transfer_seconds: list[float] = []
+
+    # ---- probes -----------------------------------------------------------------------
+
+    async def health(self) -> WorkerHealth:
+        bm = self.engine.block_manager
+        sched = self.engine.scheduler
+        return WorkerHealth(
+            self.spec.role, self.spec.index, os.getpid(), self.started_at, self.aengine.is_alive,
+            len(sched.running), len(sched.waiting), bm.usage, bm.num_free_blocks,
+        )
+
+    async def get_layout(self) -> KVLayout:
+        return self.layout
+
+    async def transport_address(self) -> bytes | None:
+        return None if self.transport is None else self.transport.address
+
+    async def stats(self) -> dict:
+        out = asdict(self.engine.stats)
+        out.update(
+            role=self.spec.role, index=self.spec.index,
+            transfer_failures=dict(self.transfer_failures),
+            transfer_bytes=self.transfer_bytes, transfer_full_bytes=self.transfer_full_bytes,
+        )
+        return out
+
+    async def kv_events(self) -> list[KVEvent]:
+        """Drain this worker's KV events (in order, each exactly once)."""
+        return await self.aengine.run_on_engine(self.engine.block_manager.take_events)
+
+    async def kv_snapshot(self) -> KVSnapshot:
+        return await self.aengine.run_on_engine(self.engine.block_manager.snapshot)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The whole request on this worker (colocated mode, and the recompute path)."""
+        async for out in self.aengine.generate(request_id, prompt, params, timeout_s=None):
+            yield out
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.aengine.abort(request_id)
+
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        """Stop taking work: wait (bounded) for running requests, then stop the engine."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = await self.aengine.run_on_engine(lambda: self.engine.has_unfinished or bool(self.engine.reserved))
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        idle = not self.engine.has_unfinished
+        self.aengine.shutdown()
+        if self.transport is not None:
+            self.transport.close()
+        return idle
+
+    async def ping(self) -> float:
+        return time.time()
+
+    async def pid(self) -> int:
+        return os.getpid()
