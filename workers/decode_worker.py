@@ -99,6 +99,11 @@ class DecodeWorker(WorkerBase):
             entry[0].cancel()
         return await super().abort(request_id)
 
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        return await super().drain(timeout_s)
+
     def _start_reaper(self) -> None:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
