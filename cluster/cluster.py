@@ -61,7 +61,11 @@ class KVRelayCluster:
         transport = "none" if pools.colocated else config.transfer.transport
 
         def specs(role: str, n: int) -> list[WorkerSpec]:
-            return [WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s) for i in range(n)]
+            return [
+                WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s,
+                           layerwise=config.transfer.layerwise)
+                for i in range(n)
+            ]
 
         if pools.colocated:
             self.prefill = None

@@ -47,6 +47,10 @@ class PoolSection(_Strict):
 
 class TransferSection(_Strict):
     transport: Literal["ucx", "inprocess"] = "ucx"
+    # Ship each layer's pages as soon as that layer is computed (hides the transfer
+    # behind the remaining layers). False sends everything after the last layer: the
+    # baseline the benchmark compares against.
+    layerwise: bool = True
 
 
 class Deadlines(_Strict):

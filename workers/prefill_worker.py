@@ -38,6 +38,7 @@ class PrefillWorker(WorkerBase):
         super().__init__(spec)
         self._exports: dict[str, KVSender] = {}
         self._layer_times: dict[str, dict[int, float]] = {}
+        self._held: dict[str, list[tuple[int, torch.Tensor]]] = {}  # layerwise=False: sent after the last layer
         self._settling: set[asyncio.Task] = set()
         self.recent: dict[str, PrefillResult] = {}  # last results, for probes and tests
         self.engine.runner.layer_observer = self._on_layer
@@ -57,7 +58,14 @@ class PrefillWorker(WorkerBase):
             pages = self.engine.kv_cache.layer(layer)[ids]  # [n, 2, bs, Hkv, D], a contiguous copy
             if pages.is_cuda:  # UCX reads the memory directly: the copy must be done
                 torch.cuda.current_stream().synchronize()
-            sender.send_layer(layer, pages)
+            if self.spec.layerwise:
+                sender.send_layer(layer, pages)
+                continue
+            held = self._held.setdefault(c.request.request_id, [])
+            held.append((layer, pages))
+            if layer == self.layout.num_layers - 1:
+                for i, buf in self._held.pop(c.request.request_id):
+                    sender.send_layer(i, buf)
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, desc: TransferDescriptor) -> PrefillResult:
         """Raises LayoutMismatchError (refused handshake) or ValueError (bad input)."""

@@ -35,6 +35,7 @@ class WorkerSpec:
     token_timeout_s: float = 60.0
     transfer_timeout_s: float = 30.0
     prefill_timeout_s: float = 120.0
+    layerwise: bool = True  # ship each layer as soon as it is computed
     # Test-only fault injection on this worker's sends: {"mode": "fail"|"drop"|"delay", "delay_s": s}
     transport_faults: dict | None = None
 
