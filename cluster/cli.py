@@ -1,98 +1,154 @@
 """The ``kvrelay`` command line.
 
-``kvrelay generate "prompt"`` runs the embedded engine offline and streams the
-answer to stdout (the serving commands arrive with the cluster and router)."""
+  kvrelay generate "prompt"     start the cluster on this machine (local Ray, one prefill
+                                and one decode worker, KV over UCX), stream one answer
+  kvrelay check-config FILE     validate a cluster config (YAML) and print it resolved
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sys
 import time
 import uuid
+from typing import Any
+
+import yaml
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted-key overrides from the flags, then from repeated ``--set key=value``."""
+    out: dict[str, Any] = {
+        "engine.model": args.model,
+        "engine.dtype": args.dtype,
+        "engine.block_size": args.block_size,
+        "engine.kv_cache_memory_gb": args.kv_cache_gb,
+        "pools.prefill_workers": args.prefill_workers,
+        "pools.decode_workers": args.decode_workers,
+        "pools.colocated": True if args.colocated else None,
+        "pools.threads_per_worker": args.threads,
+        "transfer.transport": args.transport,
+    }
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"kvrelay: --set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_config(args: argparse.Namespace):
+    from cluster.config import ClusterConfig, ConfigError
+
+    try:
+        return ClusterConfig.from_yaml(args.config, _overrides(args))
+    except ConfigError as e:
+        print(f"kvrelay: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from cluster.launcher import start_cluster, stop_cluster
     from router.tokenizer import load_tokenizer
-    from workers.config import EngineConfig
-    from workers.engine import Engine
-    from workers.loader import load_model, resolve_model
+    from workers.loader import resolve_model
     from workers.sampling_params import SamplingParams
 
+    config = _load_config(args)
     try:
-        config = EngineConfig(
-            model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-            kv_cache_memory_gb=args.kv_cache_gb, num_threads=args.threads,
-        )
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed,
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
         )
-        source = resolve_model(args.model)
+        source = resolve_model(config.engine.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"kvrelay: {e}", file=sys.stderr)
         return 2
     tok = load_tokenizer(source)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    engine = Engine(config, loaded=load_model(source, config.resolved_dtype(), config.resolved_device()))
-    if args.raw:
-        prompt = tok.encode(args.prompt, add_special_tokens=True)
-    else:
-        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-    rid = f"cli-{uuid.uuid4().hex[:8]}"
+    prompt = tok.encode(args.prompt, add_special_tokens=True) if args.raw else tok.apply_chat_template(
+        [{"role": "user", "content": args.prompt}]
+    )
+
+    async def run() -> int:
+        mode = "colocated" if config.pools.colocated else f"{config.pools.prefill_workers}P+{config.pools.decode_workers}D over {config.transfer.transport}"
+        print(f"[starting kvrelay: {mode}, model {source.model_id}]", file=sys.stderr)
+        cluster = await start_cluster(config)
+        try:
+            start = time.perf_counter()
+            first = None
+            tokens: list[int] = []
+            shown, reason = "", None
+            async for out in cluster.generate(prompt, params, f"cli-{uuid.uuid4().hex[:8]}"):
+                first = first or time.perf_counter()
+                tokens += out.new_token_ids
+                text = tok.decode(tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # never print half a UTF-8 character
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+                reason = out.finish_reason or reason
+            total = time.perf_counter() - start
+            print()
+            print(
+                f"[{len(prompt)} prompt tokens, {len(tokens)} generated, finish_reason={reason}, "
+                f"TTFT {((first or start) - start) * 1000:.0f} ms, {len(tokens) / total:.1f} tok/s]",
+                file=sys.stderr,
+            )
+            return 0
+        except ValueError as e:
+            print(f"kvrelay: {e}", file=sys.stderr)
+            return 2
+        finally:
+            await stop_cluster(cluster)
+
+    return asyncio.run(run())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from cluster.config import ClusterConfig, ConfigError
+
     try:
-        engine.add_request(rid, prompt, params)
-    except ValueError as e:
+        cfg = ClusterConfig.from_yaml(args.file)
+    except ConfigError as e:
         print(f"kvrelay: {e}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    tokens: list[int] = []
-    shown = ""
-    first = None
-    reason = None
-    while engine.has_unfinished:
-        for out in engine.step():
-            first = first or time.perf_counter()
-            tokens += out.new_token_ids
-            text = tok.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # never print half a UTF-8 character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-            reason = out.finish_reason
-    total = time.perf_counter() - start
-    print()
-    print(
-        f"[{len(prompt)} prompt tokens, {len(tokens)} generated, finish_reason={reason}, "
-        f"TTFT {((first or start) - start) * 1000:.0f} ms, {len(tokens) / total:.1f} tok/s]",
-        file=sys.stderr,
-    )
+    print(json.dumps(cfg.model_dump(), indent=2))
     return 0
+
+
+def _cluster_flags(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--config", default=None, help="cluster config YAML (see deploy/ and the README)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. engine.block_size=32")
+    g.add_argument("--model", default=None, help="'default' (embedded SmolLM2), a .gguf file or a HF directory")
+    g.add_argument("--prefill-workers", type=int, default=None)
+    g.add_argument("--decode-workers", type=int, default=None)
+    g.add_argument("--colocated", action="store_true", help="no disaggregation: each worker does both phases")
+    g.add_argument("--transport", choices=["ucx", "inprocess"], default=None)
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool per worker")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "WARNING"))
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a completion offline with the embedded engine")
+    g = sub.add_parser("generate", help="start the cluster locally and stream one completion")
     g.add_argument("prompt")
-    g.add_argument("--model", default="default", help="'default' (embedded SmolLM2), a .gguf file or a HF directory")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-gb", type=float, default=0.5)
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    _cluster_flags(g)
     g.set_defaults(func=_generate)
+    c = sub.add_parser("check-config", help="validate a cluster config file")
+    c.add_argument("file")
+    c.set_defaults(func=_check_config)
     return p
 
 

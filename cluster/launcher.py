@@ -1,0 +1,56 @@
+"""Start a kvrelay cluster on this machine (the embedded mode): local Ray, the pools,
+and a clean shutdown, Ray included."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.cluster import KVRelayCluster
+from cluster.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def ray_needed(config: ClusterConfig) -> bool:
+    # The in-process transport cannot cross processes: its workers live in this one.
+    return config.pools.colocated or config.transfer.transport != "inprocess"
+
+
+def init_ray(config: ClusterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    workers = config.pools.decode_workers + (0 if config.pools.colocated else config.pools.prefill_workers)
+    # Logical CPUs: enough slots for every worker actor even on a 2-core machine
+    # (each actor pins its own torch thread count).
+    cpus = max(os.cpu_count() or 1, int(workers * config.pools.cpus_per_worker + 0.999))
+    address = os.environ.get("RAY_ADDRESS")  # join an existing cluster (KubeRay) if set
+    ray.init(
+        address=address,
+        num_cpus=None if address else cpus,
+        include_dashboard=False,
+        log_to_driver=os.environ.get("KVRELAY_RAY_LOGS", "0") == "1",
+        configure_logging=False,
+    )
+
+
+async def start_cluster(config: ClusterConfig) -> KVRelayCluster:
+    use_ray = ray_needed(config)
+    if use_ray:
+        init_ray(config)
+    cluster = KVRelayCluster(config, use_ray=use_ray)
+    await cluster.start()
+    return cluster
+
+
+async def stop_cluster(cluster: KVRelayCluster) -> None:
+    try:
+        await cluster.shutdown()
+    finally:
+        if cluster.use_ray:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
