@@ -120,6 +120,11 @@ class KVRelayCluster:
                     yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
                                         out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens)
                 return
+            except CapacityError:
+                # this decode worker's KV pool is full right now: try another, else give up
+                tried.add(d.handle.name)
+                if not [w for w in self.decode.healthy() if w.handle.name not in tried]:
+                    raise
             except WorkerDiedError as e:
                 self.decode.mark_down(d.handle)
                 tried.add(d.handle.name)
