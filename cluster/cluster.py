@@ -94,25 +94,44 @@ class KVRelayCluster:
         d = min(decode, key=lambda w: (w.health.running + w.health.waiting if w.health else 0, -(w.health.free_blocks if w.health else 0)))
         return p, d
 
-    def _place(self, prompt: list[int], exclude: set[str]) -> tuple[WorkerState | None, WorkerState]:
+    def _place(
+        self, prompt: list[int], exclude: set[str], prefer: tuple[str | None, str] | None = None
+    ) -> tuple[WorkerState | None, WorkerState]:
         decode = [w for w in self.decode.healthy() if w.handle.name not in exclude]
         if not decode:
             raise NoWorkerError(f"no healthy {self.decode.role} worker")
         prefill = [] if self.prefill is None else self.prefill.healthy()
         if self.prefill is not None and not prefill:
             raise NoWorkerError("no healthy prefill worker")
+        if prefer is not None:  # the router's decision, if those workers are still up
+            p = next((w for w in prefill if w.handle.name == prefer[0]), None)
+            d = next((w for w in decode if w.handle.name == prefer[1]), None)
+            if d is not None and (p is not None or self.prefill is None):
+                return p, d
         return self._choose(prefill, decode, prompt)
+
+    def worker_states(self) -> dict[str, list[WorkerState]]:
+        """Every worker of every pool, by pool role (what placement looks at)."""
+        return {p.role: list(p.workers) for p in self.pools}
 
     # ---- one request ------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; tokens are never repeated across retries."""
+    async def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        placement: tuple[str | None, str] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; tokens are never repeated across retries.
+        ``placement`` (prefill name or None, decode name) is the router's choice; it is
+        used while those workers are up, and a retry falls back to the default policy."""
         rid = request_id or f"req-{uuid.uuid4().hex}"
         self.counters.requests += 1
         emitted = 0
         tried: set[str] = set()
         while True:
-            p, d = self._place(prompt, tried)
+            p, d = self._place(prompt, tried, None if tried else placement)
             try:
                 async for out in self._attempt(rid, prompt, params, p, d):
                     fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
