@@ -1,0 +1,395 @@
+"""Unit tests for router/residency_index.py: exact per-worker prefix matches from KV
+events, resync after gaps and restarts, node reclamation and the LRU entry cap."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.block_hash import hash_blocks
+from cluster.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVSnapshot
+from router.residency_index import ApplyResult, MatchResult, ResidencyIndex, WorkerMode
+from workers.block_manager import BlockManager
+
+BS = 4
+
+# Chains of block hashes (BS tokens a block). B shares A's first two blocks.
+A = hash_blocks(list(range(16)), BS)  # a0 a1 a2 a3
+B = hash_blocks(list(range(8)) + list(range(100, 108)), BS)  # a0 a1 b2 b3
+C = hash_blocks(list(range(200, 208)), BS)  # c0 c1
+D = hash_blocks(list(range(300, 308)), BS)  # d0 d1
+assert A[:2] == B[:2] and A[2] != B[2] and len(set(A + B[2:] + C + D)) == 10
+
+
+def stored(seq: int, chain: list[int], start: int = 0, end: int | None = None) -> BlockStored:
+    """Blocks ``chain[start:end]`` stored, with their true parent."""
+    end = len(chain) if end is None else end
+    return BlockStored(seq, tuple(chain[start:end]), chain[start - 1] if start else None)
+
+
+def removed(seq: int, *hashes: int) -> BlockRemoved:
+    return BlockRemoved(seq, tuple(hashes))
+
+
+@pytest.fixture
+def idx() -> ResidencyIndex:
+    return ResidencyIndex.create_simulated(max_blocks=64)
+
+
+# ---- exact matches -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "events, query, expected",
+    [
+        # nobody knows anything yet: no workers
+        ({}, A, {}),
+        # one worker, full chain
+        ({"w0": [stored(1, A)]}, A, {"w0": 4}),
+        # shared prefix: w1 holds B, which shares A's first two blocks
+        ({"w0": [stored(1, A)], "w1": [stored(1, B)]}, A, {"w0": 4, "w1": 2}),
+        ({"w0": [stored(1, A)], "w1": [stored(1, B)]}, B, {"w0": 2, "w1": 4}),
+        # query longer than what is held
+        ({"w0": [stored(1, A, 0, 2)]}, A, {"w0": 2}),
+        # query shorter than what is held
+        ({"w0": [stored(1, A)]}, A[:1], {"w0": 1}),
+        # a chain stored in two events
+        ({"w0": [stored(1, A, 0, 1), stored(2, A, 1, 3)]}, A, {"w0": 3}),
+        # unrelated chain: zero, but the worker is listed
+        ({"w0": [stored(1, C)]}, A, {"w0": 0}),
+        # empty query
+        ({"w0": [stored(1, A)]}, [], {"w0": 0}),
+        # removal in the middle of the chain cuts the match there
+        ({"w0": [stored(1, A), removed(2, A[2])]}, A, {"w0": 2}),
+        # parent evicted while its children stay resident: nothing usable past it
+        ({"w0": [stored(1, A), removed(2, A[0])], "w1": [stored(1, A, 0, 1)]}, A, {"w0": 0, "w1": 1}),
+        # removal of a block the worker never stored is a no-op
+        ({"w0": [stored(1, A), removed(2, C[0])]}, A, {"w0": 4}),
+        # cleared
+        ({"w0": [stored(1, A), AllBlocksCleared(2)], "w1": [stored(1, A)]}, A, {"w0": 0, "w1": 4}),
+        # stored again after removal
+        ({"w0": [stored(1, A), removed(2, A[1]), stored(3, A, 1, 2)]}, A, {"w0": 4}),
+    ],
+)
+def test_match_counts(idx, events, query, expected):
+    for w, evs in events.items():
+        res = idx.apply(w, evs)
+        assert res == ApplyResult(w, applied=len(evs))
+    m = idx.match(query)
+    assert dict(m.blocks) == expected
+    assert m.num_queried == len(query)
+    assert idx.mode == "exact"
+
+
+def test_match_result_helpers(idx):
+    idx.apply("w1", [stored(1, A)])
+    idx.apply("w0", [stored(1, B)])
+    idx.apply("w2", [stored(1, A)])
+    m = idx.match(A)
+    assert m == MatchResult({"w0": 2, "w1": 4, "w2": 4}, 4)
+    assert m.num_blocks("w0") == 2 and m.num_blocks("nobody") == 0
+    assert m.num_tokens("w1", BS) == 16 and m.num_tokens("nobody", BS) == 0
+    assert m.best() == ("w1", 4)  # tie between w1 and w2: the smaller name
+    assert idx.match(C).best() is None
+
+
+def test_match_is_pure_with_touch_false(idx):
+    idx.apply("w0", [stored(1, A)])
+    before = list(idx._lru)
+    idx.match(A, touch=False)
+    assert list(idx._lru) == before
+    idx.match(A[:1])
+    assert list(idx._lru)[-1] == ("w0", A[0])
+
+
+# ---- tree shape and memory reclamation --------------------------------------------
+
+
+def test_nodes_shared_and_reclaimed(idx):
+    idx.apply("w0", [stored(1, A)])
+    idx.apply("w1", [stored(1, B)])
+    assert (idx.num_nodes, idx.num_blocks) == (6, 8)  # a0 a1 a2 a3 b2 b3
+    assert idx._root.children.keys() == {A[0]}
+    assert idx._nodes[A[1]].children.keys() == {A[2], B[2]}
+    assert idx._nodes[A[0]].workers == {"w0", "w1"}
+
+    idx.apply("w1", [removed(2, B[3], B[2])])  # w1's own tail: b2 b3 nodes go
+    assert (idx.num_nodes, idx.num_blocks) == (4, 6)
+    assert idx._nodes[A[1]].children.keys() == {A[2]}
+
+    idx.apply("w0", [removed(2, A[0])])  # a0 kept: w1 holds it and it has children
+    assert (idx.num_nodes, idx.num_blocks) == (4, 5)
+    assert idx._nodes[A[0]].workers == {"w1"}
+
+    idx.apply("w1", [removed(3, A[1], A[0])])  # a0 stays: it has a child, w0's a1
+    assert (idx.num_nodes, idx.num_blocks) == (4, 3)
+    assert idx._nodes[A[0]].workers == set() and idx._nodes[A[1]].workers == {"w0"}
+    assert idx.match(A).blocks == {"w0": 0, "w1": 0}
+
+    idx.apply("w0", [removed(3, A[3], A[2])])
+    assert (idx.num_nodes, idx.num_blocks) == (2, 1)
+    idx.apply("w0", [removed(4, A[1])])  # the whole chain unwinds to the root
+    assert (idx.num_nodes, idx.num_blocks) == (0, 0)
+    assert idx._root.children == {}
+
+
+def test_unknown_parent_becomes_placeholder_then_links(idx):
+    # w0 reports a2 a3 before the index saw a1 (e.g. the index evicted it)
+    idx.apply("w0", [stored(1, A, 2, 4)])
+    assert idx.num_nodes == 3  # a1 placeholder + a2 + a3
+    assert idx._nodes[A[1]].parent is None and idx._nodes[A[1]].workers == set()
+    assert idx.match(A).blocks == {"w0": 0}
+    idx.apply("w1", [stored(1, A, 0, 2)])  # a1 learns its place under a0
+    assert idx._nodes[A[1]].parent is idx._nodes[A[0]]
+    assert idx._nodes[A[0]].children.keys() == {A[1]}
+    assert idx.match(A).blocks == {"w0": 0, "w1": 2}
+    idx.apply("w0", [stored(2, A, 0, 2)])
+    assert idx.match(A).blocks == {"w0": 4, "w1": 2}
+    idx.remove_worker("w0")
+    idx.remove_worker("w1")
+    assert (idx.num_nodes, idx.num_blocks) == (0, 0)
+
+
+def test_orphan_placeholder_reclaimed(idx):
+    idx.apply("w0", [stored(1, A, 2, 3)])
+    assert idx.num_nodes == 2
+    idx.apply("w0", [removed(2, A[2])])
+    assert idx.num_nodes == 0
+
+
+def test_empty_stored_event_leaves_nothing(idx):
+    assert idx.apply("w0", [BlockStored(1, (), A[0])]).applied == 1
+    assert idx.num_nodes == 0
+
+
+# ---- sequence numbers, gaps, restarts, resync -------------------------------------
+
+
+def test_gap_requires_resync_and_hides_worker(idx):
+    idx.apply("w1", [stored(1, A)])
+    assert idx.apply("w0", [stored(1, A), stored(2, C)]).applied == 2
+    res = idx.apply("w0", [stored(4, D), removed(5, A[0])])  # seq 3 lost
+    assert res == ApplyResult("w0", applied=0, dropped=2, needs_resync=True,
+                              reason="gap: expected seq 3, got 4")
+    assert idx.worker_mode("w0") is WorkerMode.RESYNCING
+    assert idx.modes == {"w0": "resyncing", "w1": "exact"}
+    assert idx.mode == "resyncing"
+    assert idx.needs_resync() == ["w0"]
+    # its entries are gone from matching (and from memory)
+    assert idx.match(A).blocks == {"w1": 4}
+    assert idx.match(C).blocks == {"w1": 0}
+    assert idx.blocks_of("w0") == frozenset()
+    assert idx.num_blocks == 4
+    # further events are dropped until resync, even "consecutive" ones
+    assert idx.apply("w0", [stored(6, C)]) == ApplyResult("w0", dropped=1, needs_resync=True,
+                                                          reason="gap: expected seq 3, got 4")
+    assert idx.match(C).blocks == {"w1": 0}
+
+
+def test_restart_seq_back_to_one_requires_resync(idx):
+    idx.apply("w0", [stored(1, A), stored(2, C)])
+    res = idx.apply("w0", [stored(1, D)])
+    assert res.needs_resync and res.reason == "sequence went backwards (worker restarted?): expected seq 3, got 1"
+    assert idx.match(A).blocks == {}
+    # a duplicate (seq == last) is not trusted either
+    idx.resync("w0", KVSnapshot(1, ((D[0], None),)))
+    idx.apply("w0", [stored(2, C)])
+    assert idx.apply("w0", [stored(2, C)]).needs_resync
+
+
+def test_first_event_not_one_requires_resync(idx):
+    # the router joined late: the worker already emitted 1..9
+    res = idx.apply("w0", [stored(10, A)])
+    assert res.needs_resync and res.reason == "gap: expected seq 1, got 10"
+
+
+def test_resync_replaces_state_and_skips_stale_events(idx):
+    idx.apply("w0", [stored(1, A), stored(2, C)])
+    idx.apply("w0", [stored(9, D)])
+    assert idx.needs_resync() == ["w0"]
+    snap = KVSnapshot(5, tuple((h, p) for h, p in zip(B, [None] + B[:-1])))  # any order works
+    idx.resync("w0", snap)
+    assert idx.worker_mode("w0") is WorkerMode.EXACT and idx.mode == "exact"
+    assert idx.last_seq("w0") == 5
+    assert idx.blocks_of("w0") == frozenset(B)
+    assert idx.match(A).blocks == {"w0": 2}
+    assert idx.match(C).blocks == {"w0": 0}
+    # stale events (already in the snapshot) are ignored, seq 6 continues
+    res = idx.apply("w0", [removed(4, B[0]), stored(5, C), stored(6, C), removed(7, B[3])])
+    assert res == ApplyResult("w0", applied=2, ignored=2)
+    assert idx.blocks_of("w0") == frozenset(B[:3] + C)
+    assert idx.last_seq("w0") == 7
+    # once past the snapshot, going backwards is a restart again
+    assert idx.apply("w0", [stored(3, C)]).needs_resync
+
+
+def test_resync_gap_right_after_snapshot(idx):
+    idx.resync("w0", KVSnapshot(5, ((A[0], None),)))
+    res = idx.apply("w0", [stored(7, A, 1, 2)])
+    assert res.needs_resync and res.reason == "gap: expected seq 6, got 7"
+
+
+def test_resync_unordered_snapshot_builds_the_tree(idx):
+    pairs = [(A[3], A[2]), (A[1], A[0]), (A[2], A[1]), (A[0], None)]
+    idx.resync("w0", KVSnapshot(4, tuple(pairs)))
+    assert idx.match(A).blocks == {"w0": 4}
+    assert idx._root.children.keys() == {A[0]}
+    assert [idx._nodes[h].parent.block_hash for h in A[1:]] == A[:3]
+
+
+def test_invalidate_then_resync(idx):
+    idx.apply("w0", [stored(1, A)])
+    idx.invalidate("w0", "started_at changed")
+    assert idx.apply("w0", [stored(2, C)]) == ApplyResult("w0", dropped=1, needs_resync=True,
+                                                          reason="started_at changed")
+    idx.resync("w0", KVSnapshot(0))
+    assert idx.match(A).blocks == {"w0": 0}
+    assert idx.apply("w0", [stored(1, C)]).applied == 1
+
+
+def test_remove_worker(idx):
+    idx.apply("w0", [stored(1, A)])
+    idx.apply("w1", [stored(1, A, 0, 2)])
+    idx.remove_worker("w0")
+    assert idx.workers == ["w1"]
+    assert idx.match(A).blocks == {"w1": 2}
+    assert (idx.num_nodes, idx.num_blocks) == (2, 2)
+    with pytest.raises(KeyError):
+        idx.worker_mode("w0")
+    idx.remove_worker("w0")  # unknown: no-op
+    # a removed worker that comes back starts over at seq 1
+    assert idx.apply("w0", [stored(1, C)]).applied == 1
+
+
+def test_cleared_reclaims_nodes(idx):
+    idx.apply("w0", [stored(1, A), stored(2, C)])
+    idx.apply("w0", [AllBlocksCleared(3)])
+    assert (idx.num_nodes, idx.num_blocks) == (0, 0)
+    assert idx.match(A).blocks == {"w0": 0}
+    assert idx.last_seq("w0") == 3
+
+
+def test_not_an_event(idx):
+    with pytest.raises(TypeError):
+        idx.apply("w0", [KVSnapshot(1)])
+
+
+# ---- cap and LRU eviction ---------------------------------------------------------
+
+
+def test_cap_evicts_least_recently_used_entries():
+    idx = ResidencyIndex(max_blocks=5)
+    idx.apply("w0", [stored(1, A)])  # LRU oldest->newest: a3 a2 a1 a0 (chain tail oldest)
+    assert list(idx._lru) == [("w0", A[3]), ("w0", A[2]), ("w0", A[1]), ("w0", A[0])]
+    idx.apply("w1", [stored(1, C)])  # 6 entries: (w0, a3) goes
+    assert idx.evictions == 1 and idx.num_blocks == 5
+    assert idx.blocks_of("w0") == frozenset(A[:3])
+    assert idx.match(A, touch=False).blocks == {"w0": 3, "w1": 0}
+
+    idx.match(A)  # w0's a0 a1 a2 now newer than w1's c0 c1
+    idx.apply("w1", [stored(2, D)])  # 7 entries: (w1, c1) then (w1, c0) go
+    assert idx.evictions == 3 and idx.num_blocks == 5
+    assert idx.blocks_of("w1") == frozenset(D)
+    assert idx.blocks_of("w0") == frozenset(A[:3])
+    assert list(idx._lru) == [("w0", A[2]), ("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0])]
+    # evicted entries are gone from the tree too (a3, c0, c1 nodes reclaimed)
+    assert idx.num_nodes == 5
+
+    idx.match(D[:1])  # d0 newest; order among the rest unchanged
+    idx.apply("w0", [stored(2, C, 0, 1)])  # (w0, a2) goes
+    assert idx.evictions == 4
+    assert list(idx._lru) == [("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0]), ("w0", C[0])]
+    # a removal frees room without counting as an eviction
+    idx.apply("w1", [removed(3, D[1])])
+    assert (idx.evictions, idx.num_blocks) == (4, 4)
+
+
+def test_cap_smaller_than_one_event_keeps_chain_head():
+    idx = ResidencyIndex(max_blocks=2)
+    idx.apply("w0", [stored(1, A)])
+    assert idx.blocks_of("w0") == frozenset(A[:2])
+    assert idx.evictions == 2
+    assert idx.match(A).blocks == {"w0": 2}  # under-reports, never over-reports
+
+
+def test_resync_over_cap_trims_chain_tails():
+    idx = ResidencyIndex(max_blocks=3)
+    pairs = [(A[0], None), (A[1], A[0]), (A[2], A[1]), (A[3], A[2]), (C[0], None), (C[1], C[0])]
+    idx.resync("w0", KVSnapshot(6, tuple(pairs)))
+    # depth 3 and 2 go first (a3, a2), then one of the depth-1 blocks (a1 precedes c1)
+    assert idx.blocks_of("w0") == frozenset({A[0], C[0], C[1]})
+    assert idx.evictions == 3
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_cap_must_be_positive(cap):
+    with pytest.raises(ValueError):
+        ResidencyIndex(max_blocks=cap)
+
+
+# ---- against the real block manager ----------------------------------------------
+
+
+def test_matches_block_manager_exactly():
+    """Drive two real BlockManagers with a random workload and feed their events to
+    the index: the index must agree with each manager's own prefix match."""
+    rng = random.Random(0)
+    bms = {"w0": BlockManager(13, BS), "w1": BlockManager(9, BS)}
+    idx = ResidencyIndex(max_blocks=1000)
+    prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
+
+    def prompt() -> list[int]:
+        return rng.choice(prefixes)[: rng.randrange(0, 13)] + [rng.randrange(50) for _ in range(rng.randrange(1, 10))]
+
+    checked = 0
+    for step in range(300):
+        w = rng.choice(list(bms))
+        bm = bms[w]
+        h = hash_blocks(prompt(), BS)
+        m = bm.match_prefix(h)
+        if bm.can_allocate(len(h) - m.num_blocks, m):
+            ids = bm.allocate(len(h) - m.num_blocks, m)
+            bm.cache_blocks(ids, h, m.num_blocks, len(h))
+            bm.free(ids)
+        if step % 50 == 49:
+            assert bm.reset_prefix_cache()
+        assert idx.apply(w, bm.take_events()).needs_resync is False
+        for _ in range(3):
+            q = hash_blocks(prompt(), BS)
+            got = idx.match(q).blocks
+            assert got == {n: b.match_prefix(q).num_blocks for n, b in bms.items() if n in got}
+            checked += 1
+    assert idx.mode == "exact" and idx.evictions == 0
+    for n, b in bms.items():
+        assert idx.blocks_of(n) == frozenset(h for h, _ in b.snapshot().blocks)
+    assert checked == 900
+
+
+def test_lost_events_recovered_from_block_manager_snapshot():
+    bm = BlockManager(7, BS)
+    idx = ResidencyIndex()
+
+    def run(h):
+        m = bm.match_prefix(h)
+        ids = bm.allocate(len(h) - m.num_blocks, m)
+        bm.cache_blocks(ids, h, m.num_blocks, len(h))
+        bm.free(ids)
+
+    run(A)
+    idx.apply("w0", bm.take_events())
+    run(C)
+    bm.take_events()  # lost in transit
+    run(D)
+    run(B)  # evicts a2, a3 and c1
+    res = idx.apply("w0", bm.take_events())
+    assert res.needs_resync
+    snap = bm.snapshot()
+    assert frozenset(h for h, _ in snap.blocks) == frozenset(A[:2] + B[2:] + C[:1] + D)
+    run(A)  # more events after the snapshot, still queued at the worker
+    idx.resync("w0", snap)
+    res = idx.apply("w0", bm.take_events())
+    assert not res.needs_resync and res.applied > 0
+    for q in (A, B, C, D):
+        assert idx.match(q).blocks == {"w0": bm.match_prefix(q).num_blocks}
+    assert idx.blocks_of("w0") == frozenset(h for h, _ in bm.snapshot().blocks)
