@@ -20,14 +20,18 @@ from cluster.transport.inprocess import InProcessTransport
 KINDS = ("ucx", "inprocess")
 
 
-def make_transport(kind: str) -> KVTransport:
+def make_transport(kind: str, **options) -> KVTransport:
+    """``options`` go to the transport's constructor (``UcxTransport(error_handling=...)``)."""
     if kind == "ucx":
         from cluster.transport.ucx import UcxTransport
 
-        return UcxTransport()
+        return UcxTransport(**options)
     if kind == "inprocess":
-        return InProcessTransport()
+        return InProcessTransport(**options)
     raise ValueError(f"unknown transport kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-__all__ = ["KINDS", "FaultyTransport", "InProcessTransport", "KVTransport", "TransferCounters", "TransferError", "make_transport"]
+__all__ = [
+    "KINDS", "FaultyTransport", "InProcessTransport", "KVTransport", "TransferCounters", "TransferError",
+    "make_transport",
+]

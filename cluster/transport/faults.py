@@ -94,7 +94,8 @@ class FaultyTransport(KVTransport):
             inner.add_done_callback(lambda f: self._finish(fut, f.exception()))
 
         def expire() -> None:
-            self._finish(fut, TransferError("timeout", f"send with tag {tag:#x} delayed past its {timeout_s}s deadline"))
+            error = TransferError("timeout", f"send with tag {tag:#x} delayed past its {timeout_s}s deadline")
+            self._finish(fut, error)
 
         self._timers.call_later(self.delay_s, forward)
         self._timers.call_later(timeout_s, expire)

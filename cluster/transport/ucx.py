@@ -24,25 +24,39 @@ How it is built, and why:
   cannot cross. This is also how ucxx's own ``send_obj`` learns sizes.
 * **Buffers**: host memory goes to UCX as a numpy uint8 view, CUDA memory as a torch
   uint8 tensor via ``__cuda_array_interface__`` (never staged through host). Before a
-  CUDA send the loop waits (polling, not blocking the caller) for an event recorded on
-  the caller's current stream, so UCX never reads KV the kernels have not finished.
+  CUDA send or recv the loop waits (polling, not blocking the caller) for an event
+  recorded on the caller's current stream at the call, so UCX never reads KV the kernels
+  have not finished writing, nor writes memory earlier kernels still use.
+* **Endpoints** are created from the peer's worker address on first send and cached;
+  one that fails is dropped, so the next send reconnects. They are created without UCX's
+  peer-failure mode by default (see ``error_handling``), which is what lets UCX use
+  shared memory and CMA zero-copy between processes on one host.
+* UCX warns about environment variables it does not know, including UCX_MEMTYPE_CACHE,
+  which ucxx itself sets; ``UCX_WARN_UNUSED_ENV_VARS=n`` is set (unless already set)
+  before ucxx is first imported.
 
 **Deadlines and buffer lifetime** (what the protocol author must know):
 
 * A timed-out *recv* is cancelled (ucxx cancels a request when its last reference is
-  dropped). A receive that has not matched a message yet is cancelled at once, and its
-  buffer is released. One already matched (a large rendezvous transfer in progress)
-  cannot be cancelled by UCX: it completes into the buffer later. The transport keeps
-  the buffer referenced until then or until ``close()`` (``lingering`` counts such
-  transfers); the caller must not hand that memory to someone else while ``lingering``
-  says it may still be written, or must close the transport first.
+  dropped; there is no other cancel in its Python API). A receive that has not matched a
+  message yet is cancelled within milliseconds, and its buffer released. One already
+  matched (a large rendezvous transfer in progress) cannot be cancelled by UCX: it
+  completes into the buffer later. The transport keeps the buffer referenced until then
+  or until ``close()`` (``lingering`` counts such transfers); the caller must not hand
+  that memory to someone else while ``lingering`` says it may still be written, or must
+  close the transport first. After any failed recv the buffer's contents are undefined.
 * A timed-out *send* cannot be cancelled either: UCX may still read the buffer until the
   peer receives it, the peer closes, or this transport closes. The buffer is kept alive
   meanwhile; do not modify it.
 * A message nobody receives stays in the receiver's unexpected queue (small messages)
   or holds the sender's request (large ones) until one side closes.
-* A send to a peer that broke fails with ``peer``; the cached endpoint is dropped and the
-  next send reconnects.
+* A peer that died or closed: with ``error_handling=True`` sends to it fail with ``peer``
+  at once. By default they time out (a large send), fail with ``peer`` (a shared-memory
+  error), or even succeed (a small eager send that lands nowhere): only an ack from the
+  peer proves delivery. Receives from a dead peer time out.
+* Order: messages under different tags are independent. Two messages under one tag from
+  one sender are received in order, but a tag must carry one message at a time: the
+  header/payload pairs of two senders using the same tag could interleave.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +113,19 @@ def _import_ucxx():
     return ucxx, ucx_api, Array, ApplicationContext, app_ctx_module, Tag
 
 
+class _Deadline:
+    """``timeout_s`` from the call to send/recv (time spent queued for the loop counts)."""
+
+    __slots__ = ("at", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.at = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+
 @dataclass(eq=False)
 class _Op:
     """One send or recv in flight. ``keep`` pins the memory UCX may touch."""
@@ -110,10 +138,18 @@ class _Op:
 
 
 class UcxTransport(KVTransport):
+    """``error_handling``: create endpoints in UCX's peer-failure mode. A broken peer is
+    then reported at once (reason ``peer``), but UCX may only use transports that can
+    detect peer failure, which excludes shared memory (sysv/posix) and CMA zero-copy on one
+    host: everything falls back to TCP loopback, about 5x slower here (see
+    bench/results/transfer.md). Off by default: KV transfers have deadlines and acks, so
+    a dead peer still surfaces, as a timeout (an eager send to it may even succeed)."""
+
     name = "ucx"
 
-    def __init__(self) -> None:
+    def __init__(self, *, error_handling: bool = False) -> None:
         super().__init__()
+        self.error_handling = error_handling
         (self._ucxx, self._api, self._Array, ApplicationContext, self._app_ctx_module, self._Tag) = _import_ucxx()
         self._lock = threading.Lock()
         self._closed = False
@@ -126,7 +162,8 @@ class UcxTransport(KVTransport):
         self._thread.start()
 
         try:
-            self._ctx, self._progress = asyncio.run_coroutine_threadsafe(self._open(ApplicationContext), self._loop).result()
+            opening = asyncio.run_coroutine_threadsafe(self._open(ApplicationContext), self._loop)
+            self._ctx, self._progress = opening.result()
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
@@ -159,13 +196,14 @@ class UcxTransport(KVTransport):
         payload = buffers.frame(buf, writable=False)
         ready = buffers.ready_event(payload)  # CUDA: the caller's stream must finish first
         op = _Op(new_future(), tag, keep=[buf, payload])
-        return self._start(op, self._send(op, bytes(peer), payload, ready, timeout_s))
+        return self._start(op, self._send(op, bytes(peer), payload, ready, _Deadline(timeout_s)))
 
     def recv(self, tag: int, buf: Any, timeout_s: float) -> concurrent.futures.Future[int]:
         tag, timeout_s = check_tag(tag), check_timeout(timeout_s)
         into = buffers.frame(buf, writable=True)
+        ready = buffers.ready_event(into)  # CUDA: earlier kernels on this memory finish first
         op = _Op(new_future(), tag, keep=[buf, into])
-        return self._start(op, self._recv(op, into, timeout_s))
+        return self._start(op, self._recv(op, into, ready, _Deadline(timeout_s)))
 
     def close(self) -> None:
         if threading.current_thread() is self._thread:
@@ -231,8 +269,7 @@ class UcxTransport(KVTransport):
             self._ops.discard(op)
         settle(op.future, result, error)
 
-    async def _send(self, op: _Op, peer: bytes, payload: buffers.Frame, ready, timeout_s: float) -> None:
-        deadline = self._loop.time() + timeout_s
+    async def _send(self, op: _Op, peer: bytes, payload: buffers.Frame, ready, deadline: _Deadline) -> None:
         if ready is not None and not await self._until(ready.query, deadline):
             return self._finish(op, error=TransferError("timeout", "CUDA stream did not finish writing the buffer"))
         nbytes = buffers.nbytes(payload)
@@ -249,7 +286,8 @@ class UcxTransport(KVTransport):
         op.waits = [_quiet(r.future) for r in op.requests]
         if not await self._wait(op.waits, deadline):
             self._linger(op, cancel=False)
-            return self._finish(op, error=TransferError("timeout", f"send with tag {op.tag:#x} not taken within {timeout_s}s"))
+            return self._finish(op, error=TransferError(
+                "timeout", f"send with tag {op.tag:#x} not taken within {deadline.timeout_s}s"))
         error = _first_error(op.waits)
         if error is not None:
             self._endpoints.pop(peer, None)
@@ -257,8 +295,9 @@ class UcxTransport(KVTransport):
         self.counters.sent(nbytes)
         self._finish(op)
 
-    async def _recv(self, op: _Op, into: buffers.Frame, timeout_s: float) -> None:
-        deadline = self._loop.time() + timeout_s
+    async def _recv(self, op: _Op, into: buffers.Frame, ready, deadline: _Deadline) -> None:
+        if ready is not None and not await self._until(ready.query, deadline):
+            return self._finish(op, error=TransferError("timeout", "CUDA stream did not release the buffer"))
         header = np.zeros(_HEADER.size, dtype=np.uint8)
         op.keep.append(header)
         tag = self._Tag(op.tag)
@@ -267,18 +306,18 @@ class UcxTransport(KVTransport):
         op.requests = [worker.tag_recv(self._Array(header), tag), worker.tag_recv(self._Array(into), tag)]
         op.waits = [_quiet(r.future) for r in op.requests]
         if not await self._wait(op.waits[:1], deadline):
-            return self._expire(op, timeout_s)
+            return self._expire(op, deadline.timeout_s)
         try:
             nbytes = self._parse_header(op.waits[0], header)
         except TransferError as e:
-            self._linger(op, cancel=False)  # the payload receive may still match something
+            self._linger(op, cancel=True)
             return self._finish(op, error=e)
         if nbytes > buffers.nbytes(into):
             self._linger(op, cancel=False)  # UCX consumes the oversized payload (truncated)
             return self._finish(op, error=TransferError(
                 "size", f"message of {nbytes} bytes does not fit the {buffers.nbytes(into)}-byte receive buffer"))
         if not await self._wait(op.waits[1:], deadline):
-            return self._expire(op, timeout_s)
+            return self._expire(op, deadline.timeout_s)
         error = _first_error(op.waits[1:])
         if error is not None:
             return self._finish(op, error=TransferError("peer", f"receive failed: {error!r}"))
@@ -329,20 +368,20 @@ class UcxTransport(KVTransport):
             ep = None
         if ep is None:
             address = self._ucxx.get_ucx_address_from_buffer(peer)
-            ep = self._api.UCXEndpoint.create_from_worker_address(self._ctx.worker, address, True)
+            ep = self._api.UCXEndpoint.create_from_worker_address(self._ctx.worker, address, self.error_handling)
             self._endpoints[peer] = ep
         return ep
 
-    async def _wait(self, waits: list, deadline: float) -> bool:
+    async def _wait(self, waits: list, deadline: _Deadline) -> bool:
         """True when every future is done by ``deadline``; never cancels them."""
         pending = [w for w in waits if not w.done()]
         if pending:
-            _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - self._loop.time()))
+            _, pending = await asyncio.wait(pending, timeout=deadline.remaining())
         return not pending
 
-    async def _until(self, ready, deadline: float) -> bool:
+    async def _until(self, ready, deadline: _Deadline) -> bool:
         while not ready():
-            if self._loop.time() >= deadline:
+            if deadline.remaining() == 0:
                 return False
             await asyncio.sleep(50e-6)
         return True
@@ -357,8 +396,8 @@ class UcxTransport(KVTransport):
         for op in ops:
             op.requests = None  # cancels receives that have not matched a message
         for ep in self._endpoints.values():
-            # Force-close (error handling is on), bounded: 0.1 s per attempt, even when the
-            # peer is gone. ucxx's async close request never completes for a dead peer.
+            # Bounded: 0.1 s per attempt, even when the peer is gone (ucxx's async close
+            # request never completes for a dead peer).
             ep.close_blocking(period=100_000_000, max_attempts=1)
         self._endpoints.clear()
         unfinished = [w for op in ops for w in op.waits if not w.done()]
