@@ -32,6 +32,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "pools.colocated": True if args.colocated else None,
         "pools.threads_per_worker": args.threads,
         "transfer.transport": args.transport,
+        "router.host": getattr(args, "host", None),
+        "router.port": getattr(args, "port", None),
+        "router.policy": getattr(args, "policy", None),
+        "router.api_key": getattr(args, "api_key", None) or os.environ.get("KVRELAY_API_KEY"),
     }
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -106,6 +110,57 @@ def _generate(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start the cluster and the OpenAI API on Ray Serve; Ctrl-C / SIGTERM stop it all."""
+    import signal
+    import urllib.request
+
+    from cluster.launcher import init_ray
+
+    config = _load_config(args)
+    r = config.router
+    import ray
+    from ray import serve
+
+    from router.serve_app import build
+
+    init_ray(config)
+    stopping = {"flag": False}
+
+    def stop(signum, frame):  # noqa: ARG001
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    url = f"http://{r.host}:{r.port}"
+    try:
+        serve.start(http_options={"host": r.host, "port": r.port}, detached=False)
+        serve.run(build(config.model_dump()), name="kvrelay", route_prefix="/", blocking=False)
+        deadline = time.monotonic() + config.deadlines.startup_s
+        while not stopping["flag"]:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                print(f"kvrelay: the cluster did not become healthy within {config.deadlines.startup_s}s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        if not stopping["flag"]:
+            print(f"kvrelay is serving {url}/v1 (model {config.engine.model}, policy {r.policy}); Ctrl-C to stop", flush=True)
+        while not stopping["flag"]:
+            time.sleep(0.2)
+        print("kvrelay: shutting down", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from cluster.config import ClusterConfig, ConfigError
 
@@ -146,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     _cluster_flags(g)
     g.set_defaults(func=_generate)
+    s = sub.add_parser("serve", help="start the cluster and serve the OpenAI API (the main job)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--policy", choices=["kv_aware", "round_robin", "least_loaded"], default=None)
+    s.add_argument("--api-key", default=None, help="require this bearer key (or set KVRELAY_API_KEY)")
+    _cluster_flags(s)
+    s.set_defaults(func=_serve)
     c = sub.add_parser("check-config", help="validate a cluster config file")
     c.add_argument("file")
     c.set_defaults(func=_check_config)

@@ -64,7 +64,20 @@ class Deadlines(_Strict):
     drain_s: float = Field(30.0, gt=0)
 
 
+class RouterSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None  # also KVRELAY_API_KEY; None: no authentication
+    policy: Literal["kv_aware", "round_robin", "least_loaded"] = "kv_aware"
+    served_model_name: str | None = None  # default: the model's id
+    max_inflight: int = Field(256, ge=1)  # beyond this, 429 with Retry-After
+    index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
+    event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
+    stats_poll_s: float = Field(1.0, gt=0)
+
+
 class ClusterConfig(_Strict):
+    router: RouterSection = RouterSection()
     engine: EngineSection = EngineSection()
     pools: PoolSection = PoolSection()
     transfer: TransferSection = TransferSection()

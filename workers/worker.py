@@ -51,6 +51,8 @@ class WorkerHealth:
     waiting: int
     kv_usage: float
     free_blocks: int
+    total_blocks: int
+    max_model_len: int
 
 
 class WorkerBase:
@@ -97,7 +99,8 @@ class WorkerBase:
         sched = self.engine.scheduler
         return WorkerHealth(
             self.spec.role, self.spec.index, os.getpid(), self.started_at, self.aengine.is_alive,
-            len(sched.running), len(sched.waiting), bm.usage, bm.num_free_blocks,
+            len(sched.running), len(sched.waiting), bm.usage, bm.num_free_blocks, bm.num_blocks,
+            self.engine.max_model_len,
         )
 
     async def get_layout(self) -> KVLayout:
@@ -145,6 +148,11 @@ class WorkerBase:
         if self.transport is not None:
             self.transport.close()
         return idle
+
+    async def cached_prefix_blocks(self, block_hashes: list[int]) -> int:
+        """How many leading blocks of this chain the engine really holds (ground truth
+        for the router's residency index)."""
+        return await self.aengine.run_on_engine(lambda: self.engine.block_manager.match_prefix(block_hashes).num_blocks)
 
     async def ping(self) -> float:
         return time.time()

@@ -1,0 +1,292 @@
+"""The OpenAI-compatible HTTP API (FastAPI). Ray Serve mounts this app as the ingress
+(router/serve_app.py); the handlers reach the RouterService via ``app.state.service``.
+
+Every response carries an ``x-request-id``; every error is OpenAI's envelope
+``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.cluster import NoWorkerError
+from cluster.worker_handle import WorkerDiedError
+from router import errors
+from router.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, ModelCard,
+    ModelList, Usage, chat_completion_id, chat_logprobs, completion_id, completion_logprobs, now,
+)
+from router.service import ChoiceEvent, RequestResult, RouterService
+from workers.engine import CapacityError
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="kvrelay", version="0.1.0")
+
+# The service of this process. Ray Serve runs a deserialized copy of ``app``, so the
+# replica cannot reach it through ``app.state``; the handlers (pickled by reference)
+# see this module's globals instead.
+_current: dict[str, RouterService] = {}
+
+
+def install(service: RouterService) -> None:
+    _current["service"] = service
+
+
+def _service(request: Request | None = None) -> RouterService:
+    s = _current.get("service")
+    if s is None:
+        raise errors.overloaded(5, "the router is starting; try again shortly")
+    return s
+
+
+def _error(e: errors.APIError, request_id: str) -> JSONResponse:
+    return JSONResponse(e.error_body(), status_code=e.status, headers={**(e.headers or {}), "x-request-id": request_id})
+
+
+@app.middleware("http")
+async def _request_id_and_auth(request: Request, call_next):
+    request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+    request.state.request_id = request_id
+    service: RouterService | None = _current.get("service")
+    key = None if service is None else (service.config.router.api_key or os.environ.get("KVRELAY_API_KEY"))
+    if key and request.url.path.startswith("/v1/"):
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        if not given or not secrets.compare_digest(given, key):
+            return _error(errors.invalid_api_key(given), request_id)
+    response = await call_next(request)
+    response.headers["x-request-id"] = request_id
+    return response
+
+
+@app.exception_handler(errors.APIError)
+async def _api_error(request: Request, e: errors.APIError) -> JSONResponse:
+    return _error(e, request.state.request_id)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    if e.status_code == 404:
+        err = errors.invalid_url(request.method, request.url.path)
+    else:
+        err = errors.APIError(e.status_code, str(e.detail))
+    return _error(err, getattr(request.state, "request_id", "-"))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return _error(errors.internal_error(), getattr(request.state, "request_id", "-"))
+
+
+# ---- endpoints --------------------------------------------------------------------------
+
+
+@app.get("/health")
+async def health(request: Request) -> JSONResponse:
+    s = _service(request)
+    states = s.cluster.worker_states() if s.cluster else {}
+    workers = {
+        w.handle.name: {"up": w.up, "restarts": w.restarts, **({
+            "running": w.health.running, "waiting": w.health.waiting, "kv_usage": round(w.health.kv_usage, 4),
+        } if w.health else {})}
+        for ws in states.values() for w in ws
+    }
+    ok = s.ready and bool(states) and all(any(w.up for w in ws) for ws in states.values())
+    body = {"status": "ok" if ok else "unavailable", "workers": workers,
+            "index": {r: {"mode": i.mode, "blocks": i.num_blocks} for r, i in s.indexes.items()}}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@app.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@app.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    s = _service(request)
+    return JSONResponse(ModelList(data=[ModelCard(id=s.model_id, max_model_len=s.max_model_len)]).model_dump())
+
+
+async def _parse(request: Request, cls):
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.invalid_json(str(e)) from None
+    if not isinstance(body, dict):
+        raise errors.invalid_json("the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise errors.from_validation_error(e) from None
+
+
+def _admit(s: RouterService, model: str) -> None:
+    if model != s.model_id:
+        raise errors.model_not_found(model)
+    if not s.ready:
+        raise errors.overloaded(5, "the cluster is starting; try again shortly")
+    if s.inflight >= s.config.router.max_inflight:
+        raise errors.rate_limited(1, f"too many requests in flight ({s.inflight}); try again shortly")
+
+
+def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, chat: bool) -> None:
+    vocab = s.model_config.vocab_size
+    if any(t >= vocab for t in prompt):
+        raise errors.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", "prompt")
+    if len(prompt) + (max_tokens or 1) > s.max_model_len:
+        raise errors.context_length_exceeded(s.max_model_len, len(prompt), max_tokens, chat=chat)
+
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    s = _service(request)
+    req: CompletionRequest = await _parse(request, CompletionRequest)
+    _admit(s, req.model)
+    prompt = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt, add_special_tokens=True)
+    _check_prompt(s, prompt, req.max_tokens, chat=False)
+    params = [req.to_sampling_params(choice_index=i) for i in range(req.n)]
+    return await _respond(s, request, req, prompt, params, chat=False)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    s = _service(request)
+    req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    _admit(s, req.model)
+    prompt = s.tokenizer.apply_chat_template(req.template_messages())
+    _check_prompt(s, prompt, req.requested_max_tokens, chat=True)
+    room = s.max_model_len - len(prompt)
+    params = [req.to_sampling_params(default_max_tokens=room, choice_index=i) for i in range(req.n)]
+    return await _respond(s, request, req, prompt, params, chat=True)
+
+
+# ---- response building --------------------------------------------------------------------
+
+
+def _token_texts(s: RouterService, ids: list[int]) -> list[str]:
+    return [s.tokenizer.decode([t]) for t in ids]
+
+
+def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0):
+    if not ev.logprobs:
+        return None
+    tokens = _token_texts(s, [lp.token_id for lp in ev.logprobs])
+    lps = [lp.logprob for lp in ev.logprobs]
+    top = [[(s.tokenizer.decode([t]), v) for t, v in lp.top] for lp in ev.logprobs]
+    return chat_logprobs(tokens, lps, top) if chat else completion_logprobs(tokens, lps, top, offset)
+
+
+async def _respond(s: RouterService, request: Request, req, prompt: list[int], params, chat: bool):
+    result = RequestResult(prompt_tokens=len(prompt))
+    stream = s.run(prompt, params, req.stop_strings, result)
+    s.inflight += 1
+    if req.stream:
+        return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream",
+                                 headers={"x-request-id": request.state.request_id})
+    try:
+        texts: dict[int, list[str]] = {i: [] for i in range(len(params))}
+        reasons: dict[int, str | None] = {}
+        events: dict[int, list[ChoiceEvent]] = {i: [] for i in range(len(params))}
+        async for ev in stream:
+            texts[ev.index].append(ev.text)
+            events[ev.index].append(ev)
+            if ev.finish_reason:
+                reasons[ev.index] = ev.finish_reason
+        s.metrics.requests.labels("ok").inc()
+    except BaseException as e:
+        s.metrics.requests.labels(_status(e)).inc()
+        raise _as_api_error(e) from None
+    finally:
+        s.inflight -= 1
+    usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    if chat:
+        choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), finish_reason=reasons.get(i),
+                              logprobs=_merged_logprobs(s, events[i], True)) for i in texts]
+        return JSONResponse(ChatCompletionResponse(model=s.model_id, choices=choices, usage=usage).model_dump())
+    choices = [CompletionChoice(index=i, text="".join(texts[i]), finish_reason=reasons.get(i),
+                                logprobs=_merged_logprobs(s, events[i], False)) for i in texts]
+    return JSONResponse(CompletionResponse(model=s.model_id, choices=choices, usage=usage).model_dump())
+
+
+def _merged_logprobs(s: RouterService, events: list[ChoiceEvent], chat: bool):
+    merged = ChoiceEvent(0, "", [], [lp for ev in events for lp in ev.logprobs])
+    return _logprobs(s, merged, chat)
+
+
+def _status(e: BaseException) -> str:
+    return {NoWorkerError: "unavailable", CapacityError: "unavailable", WorkerDiedError: "worker_died",
+            TimeoutError: "timeout"}.get(type(e), "cancelled" if isinstance(e, (GeneratorExit,)) or type(e).__name__ == "CancelledError" else "error")
+
+
+def _as_api_error(e: BaseException) -> BaseException:
+    if isinstance(e, errors.APIError):
+        return e
+    if isinstance(e, (NoWorkerError, CapacityError)):
+        return errors.overloaded(2, str(e))
+    if isinstance(e, ValueError):
+        return errors.invalid_request(str(e))
+    if isinstance(e, (WorkerDiedError, TimeoutError)):
+        return errors.APIError(503, f"the request failed: {e}", errors.SERVER_ERROR, None, "worker_failed", {"Retry-After": "1"})
+    if isinstance(e, Exception):
+        log.exception("request failed")
+        return errors.internal_error()
+    return e  # cancellation: let it propagate
+
+
+async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result: RequestResult, chat: bool):
+    rid = chat_completion_id() if chat else completion_id()
+    created = now()
+    usage_kw: dict[str, Any] = {"usage": None} if req.include_usage else {}
+    status = "ok"
+    try:
+        if chat:
+            first = ChatCompletionChunk(id=rid, created=created, model=s.model_id, **usage_kw, choices=[
+                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(req.n)])
+            yield f"data: {first.model_dump_json()}\n\n"
+        offsets: dict[int, int] = {}
+        async for ev in stream:
+            if chat:
+                delta = ChatDelta(content=ev.text) if ev.text or not ev.finish_reason else ChatDelta()
+                choice = ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=_logprobs(s, ev, True))
+                chunk = ChatCompletionChunk(id=rid, created=created, model=s.model_id, choices=[choice], **usage_kw)
+            else:
+                lp = _logprobs(s, ev, False, offsets.get(ev.index, 0))
+                offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
+                choice = CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp)
+                chunk = CompletionChunk(id=rid, created=created, model=s.model_id, choices=[choice], **usage_kw)
+            yield f"data: {chunk.model_dump_json()}\n\n"
+        if req.include_usage:
+            usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+            cls = ChatCompletionChunk if chat else CompletionChunk
+            yield f"data: {cls(id=rid, created=created, model=s.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+    except BaseException as e:
+        status = _status(e)
+        err = _as_api_error(e)
+        if isinstance(err, errors.APIError):  # the stream has started: report in-band, then end it
+            yield f"data: {json.dumps(err.error_body())}\n\n"
+            yield "data: [DONE]\n\n"
+        else:
+            raise
+    finally:
+        s.inflight -= 1
+        s.metrics.requests.labels(status).inc()
+
+
+@app.get("/")
+async def root() -> PlainTextResponse:
+    return PlainTextResponse("kvrelay: OpenAI-compatible API at /v1 (models, completions, chat/completions)\n")

@@ -1,0 +1,49 @@
+"""Ray Serve ingress: the FastAPI app of router/api.py in a Serve deployment whose
+replica owns the RouterService (and through it the worker pools).
+
+Serve config (deploy/serve/kvrelay.yaml, the Helm chart) points at the builder:
+
+    import_path: router.serve_app:build
+    args: {router: {policy: kv_aware}, pools: {prefill_workers: 1, decode_workers: 1}, ...}
+
+``args`` is a ClusterConfig in dict form, validated by kvrelay's own config parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from cluster.config import ClusterConfig
+from router.api import app, install
+from router.service import RouterService
+
+
+@serve.deployment(
+    name="kvrelay-router",
+    num_replicas=1,
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 0},  # I/O bound: leave the CPU slots to the workers
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress(app)
+class KVRelayRouter:
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.service = RouterService(ClusterConfig.build(config))
+        install(self.service)
+        await self.service.start()
+
+    async def check_health(self) -> None:
+        if not self.service.ready:
+            raise RuntimeError("router is not ready")
+
+    async def __del__(self) -> None:
+        await self.service.stop()
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve application builder (``import_path: router.serve_app:build``)."""
+    config = ClusterConfig.build(args)  # fails here, at deploy time, on a bad config
+    return KVRelayRouter.bind(config.model_dump())

@@ -1,0 +1,259 @@
+"""The router's core, independent of HTTP: tokenize, check, place by residency, run
+the request on the cluster, detokenize and apply stop strings, keep the residency
+index exact from the workers' KV events, and count what happened.
+
+    prompt ─► tokens ─► block hashes ─► index.match per pool ─► policy.choose(P, D)
+                                                        │
+    text deltas ◄─ TextStream (detok + stops) ◄─ cluster.generate(prompt, placement)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cluster.block_hash import hash_blocks
+from cluster.cluster import KVRelayCluster, NoWorkerError
+from cluster.config import ClusterConfig
+from cluster.launcher import start_cluster, stop_cluster
+from router.detokenizer import TextStream
+from router.metrics import RouterMetrics
+from router.placement import NoWorkerError as NoCandidateError
+from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
+from router.residency_index import ResidencyIndex
+from router.tokenizer import load_tokenizer
+from workers.engine import CapacityError
+from workers.loader import resolve_model
+from workers.loader.loader import read_model_config
+from workers.request import TokenLogprobs
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = (
+    "kvrelay start-up self-check: the router and the workers must agree on the tokenizer, "
+    "the chat template and the block hash function, or KV-aware placement is blind."
+)
+
+
+class SelfCheckError(RuntimeError):
+    """Router and workers disagree on tokens or block hashes."""
+
+
+@dataclass
+class ChoiceEvent:
+    """What one choice produced since the last event."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+
+@dataclass
+class RequestResult:
+    """Usage of a whole request (all choices), filled while it runs."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    placement: Placement | None = None
+    texts: dict[int, list[str]] = field(default_factory=dict)
+
+
+class RouterService:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.source = resolve_model(config.engine.model)
+        self.model_id = config.router.served_model_name or self.source.model_id
+        self.model_config = read_model_config(self.source)
+        self.max_model_len = config.engine.max_model_len or self.model_config.max_position_embeddings
+        self.block_size = config.engine.block_size
+        self.tokenizer = load_tokenizer(self.source)
+        self.policy_name = config.router.policy
+        self.policy = make_policy(config.router.policy)
+        roles = ["colocated"] if config.pools.colocated else ["prefill", "decode"]
+        self.indexes = {r: ResidencyIndex(max_blocks=config.router.index_max_blocks) for r in roles}
+        self.worker_stats: dict[str, dict] = {}
+        self.metrics = RouterMetrics(lambda: list(self.worker_stats.values()))
+        self.cluster: KVRelayCluster | None = None
+        self.ready = False
+        self.inflight = 0
+        self._started_at: dict[str, float] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.cluster = await start_cluster(self.config)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._event_loop()), loop.create_task(self._stats_loop())]
+        await self.self_check()
+        self.ready = True
+        log.info("router ready: model %s, policy %s, pools %s", self.model_id, self.policy_name, list(self.indexes))
+
+    async def stop(self) -> None:
+        self.ready = False
+        for t in self._tasks:
+            t.cancel()
+        if self.cluster is not None:
+            await stop_cluster(self.cluster)
+
+    # ---- the residency index: fed by KV events ------------------------------------------
+
+    async def pump_events(self) -> None:
+        """Drain every up worker's KV events into its pool's index (resync after a gap
+        or a restart). Never blocks on a dead worker beyond a short deadline."""
+        for role, states in self.cluster.worker_states().items():
+            index = self.indexes[role]
+            for w in states:
+                name = w.handle.name
+                if not w.up or w.health is None:
+                    continue
+                if self._started_at.get(name) not in (None, w.health.started_at):
+                    index.invalidate(name, "worker restarted")
+                self._started_at[name] = w.health.started_at
+                try:
+                    events = await w.handle.call("kv_events", timeout_s=2.0)
+                    index.apply(name, events)
+                    if name in index.needs_resync():
+                        index.resync(name, await w.handle.call("kv_snapshot", timeout_s=5.0))
+                except Exception as e:  # a worker that went away is marked down by its pool
+                    log.debug("events from %s: %s", name, e)
+            self.metrics.index_blocks.labels(role).set(index.num_blocks)
+            self.metrics.index_evictions.labels(role).set(index.evictions)
+
+    async def _event_loop(self) -> None:
+        while True:
+            await self.pump_events()
+            await asyncio.sleep(self.config.router.event_poll_s)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            for states in self.cluster.worker_states().values():
+                for w in states:
+                    try:
+                        self.worker_stats[w.handle.name] = await w.handle.call("stats", timeout_s=2.0)
+                    except Exception:  # keep the last known counters of a worker that is down
+                        pass
+            await asyncio.sleep(self.config.router.stats_poll_s)
+
+    async def self_check(self) -> None:
+        """Send a probe and confirm the worker's `stored` events carry the router's own
+        block hashes: tokenizer, chat template and hash function agree."""
+        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}])
+        hashes = hash_blocks(prompt, self.block_size)
+        if len(hashes) < 2:
+            raise SelfCheckError("probe prompt is shorter than two blocks")
+        placement = self.place(prompt)
+        async for _ in self.cluster.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0), "kvrelay-self-check",
+                                              (placement.prefill, placement.decode)):
+            pass
+        role, worker = ("colocated", placement.decode) if placement.prefill is None else ("prefill", placement.prefill)
+        deadline = time.monotonic() + 10.0
+        while True:
+            await self.pump_events()
+            got = self.indexes[role].match(hashes, touch=False).num_blocks(worker)
+            if got == len(hashes):
+                log.info("self-check passed: %s stored all %d probe blocks with the router's hashes", worker, got)
+                return
+            if time.monotonic() > deadline:
+                raise SelfCheckError(
+                    f"self-check failed: {worker} reported {got} of the probe's {len(hashes)} block hashes; "
+                    "the router and the workers disagree on tokenizer, chat template or block hashing"
+                )
+            await asyncio.sleep(0.1)
+
+    # ---- placement --------------------------------------------------------------------
+
+    def _snapshots(self, role: str) -> list[WorkerSnapshot]:
+        out = []
+        for w in self.cluster.worker_states().get(role, []):
+            h = w.health
+            out.append(WorkerSnapshot(
+                w.handle.name, h.running if h else 0, h.waiting if h else 0,
+                h.free_blocks if h else 0, h.total_blocks if h else 1, w.up and h is not None,
+            ))
+        return out
+
+    def place(self, prompt: list[int]) -> Placement:
+        hashes = hash_blocks(prompt, self.block_size)
+        colocated = "colocated" in self.indexes
+        decode_role = "colocated" if colocated else "decode"
+        req = PlacementRequest(
+            len(prompt), self.block_size,
+            prefill_match={} if colocated else dict(self.indexes["prefill"].match(hashes).blocks),
+            decode_match=dict(self.indexes[decode_role].match(hashes).blocks),
+        )
+        placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill"), self._snapshots(decode_role))
+        for worker in filter(None, (placement.prefill, placement.decode)):
+            self.metrics.decisions.labels(self.policy_name, worker).inc()
+        hit_worker, hit_match = (placement.decode, req.decode_match) if colocated else (placement.prefill, req.prefill_match)
+        self.metrics.predicted_hit_tokens.inc(min(hit_match.get(hit_worker, 0) * self.block_size, len(prompt)))
+        return placement
+
+    # ---- one request ------------------------------------------------------------------
+
+    async def run(
+        self, prompt: list[int], params: list[SamplingParams], stop_strings: list[str], result: RequestResult
+    ) -> AsyncIterator[ChoiceEvent]:
+        """Stream the events of every choice (``len(params)`` choices). Choice 0 runs
+        first; once its prompt is prefilled, the other choices start on the same
+        workers and reuse that prefix (prefix cache on the prefill worker, dedup on the
+        decode worker), so a prompt is prefilled and shipped once."""
+        try:
+            placement = self.place(prompt)
+        except NoCandidateError as e:
+            raise NoWorkerError(str(e)) from None
+        result.placement = placement
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        prefilled = asyncio.Event()
+
+        async def choice(i: int) -> None:
+            if i > 0:
+                await prefilled.wait()
+            stream = TextStream(self.tokenizer.hf, prompt, stop_strings)
+            try:
+                async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode)):
+                    if i == 0 and not prefilled.is_set():
+                        prefilled.set()
+                        result.cached_tokens = out.num_cached_tokens
+                    result.completion_tokens += len(out.new_token_ids)
+                    delta = stream.add(out.new_token_ids)
+                    if delta.stopped:
+                        await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs, "stop"))
+                        return  # leaving the generator aborts the request on its workers
+                    if out.finished:
+                        tail = stream.finish()
+                        await queue.put(ChoiceEvent(i, delta.text + tail.text, out.new_token_ids, out.new_logprobs, out.finish_reason))
+                        return
+                    await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs))
+            except BaseException as e:
+                await queue.put(e)
+                raise
+            finally:
+                prefilled.set()
+
+        tasks = [asyncio.create_task(choice(i)) for i in range(len(params))]
+        done = 0
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    done += 1
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["ChoiceEvent", "RequestResult", "RouterService", "SelfCheckError", "CapacityError", "NoWorkerError"]
