@@ -58,6 +58,7 @@ class WorkerSnapshot:
     free_blocks: int
     total_blocks: int
     up: bool = True
+    cached_blocks: int = 0  # blocks the router's index says this worker holds
 
     def __post_init__(self) -> None:
         if min(self.running, self.waiting, self.free_blocks) < 0 or self.total_blocks <= 0:
@@ -199,6 +200,9 @@ class KVAwarePolicy(PlacementPolicy):
     decode_load_weight: same as load_weight, for decode workers (default 256).
     kv_usage_weight: prompt tokens that going from an empty to a full KV pool costs
         on a decode worker (default 1024).
+    cache_threshold: below this share of the prompt held by the best prefill worker,
+        the prompt is treated as new work and placed by load (ties rotate), so new
+        prefixes spread over the pool (default 0.5).
     """
 
     name = "kv_aware"
@@ -209,13 +213,18 @@ class KVAwarePolicy(PlacementPolicy):
         balance_slack: int = 8,
         decode_load_weight: float = 256.0,
         kv_usage_weight: float = 1024.0,
+        cache_threshold: float = 0.5,
     ) -> None:
+        if not 0.0 <= cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
+        self.cache_threshold = cache_threshold
         for k, v in (("load_weight", load_weight), ("balance_slack", balance_slack),
                      ("decode_load_weight", decode_load_weight), ("kv_usage_weight", kv_usage_weight)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
         self.load_weight = load_weight
         self.balance_slack = balance_slack
+        self._ties: dict[str, int] = {}  # per pool: rotates which equal-cost worker is preferred
         self.decode_load_weight = decode_load_weight
         self.kv_usage_weight = kv_usage_weight
 
@@ -244,18 +253,33 @@ class KVAwarePolicy(PlacementPolicy):
         return kept
 
     def _cheapest(
-        self, workers: list[WorkerSnapshot], cost: Callable[[WorkerSnapshot], float], costs: dict[str, float], pool: str
+        self, workers: list[WorkerSnapshot], cost: Callable[[WorkerSnapshot], float], costs: dict[str, float], pool: str,
+        cold: bool = False,
     ) -> str:
+        """The cheapest worker; ``cold``: ignore the cost's prefix term and pick by load
+        (the costs are still reported)."""
         scored = []
+        names = sorted(w.name for w in workers)
+        turn = self._ties[pool] = self._ties.get(pool, 0) + 1
         for w in workers:
             c = costs[w.name] = cost(w)
             log.debug("%s %s: cost %.1f (running %d, waiting %d, free %d/%d)",
                       pool, w.name, c, w.running, w.waiting, w.free_blocks, w.total_blocks)
-            scored.append(((c, w.load, -w.free_blocks, w.name), w.name))
+            # Ties (a prompt no worker holds, equal load) rotate over the workers, so new
+            # prefixes spread over the pool instead of piling onto the first name.
+            rotation = (names.index(w.name) - turn) % len(names)
+            key = (w.load, rotation, w.cached_blocks, w.name) if cold else (c, w.load, rotation, w.cached_blocks, -w.free_blocks, w.name)
+            scored.append((key, w.name))
         return min(scored)[1]
 
     def _pick_prefill(self, request, workers, costs):
         kept = self._balanced(workers, "prefill")
+        best = max(request.prefill_match.get(w.name, 0) for w in kept) * request.block_size
+        if best < self.cache_threshold * request.num_prompt_tokens:
+            # No worker holds a meaningful share of this prompt (a short shared header
+            # does not count): place it like new work, by load, spreading new prefixes
+            # over the pool (SGLang's cache-aware router uses the same threshold idea).
+            return self._cheapest(kept, lambda w: self.prefill_cost(request, w), costs, "prefill (cold)", cold=True)
         return self._cheapest(kept, lambda w: self.prefill_cost(request, w), costs, "prefill")
 
     def _pick_decode(self, request, workers, costs, pool):

@@ -167,6 +167,11 @@ class ResidencyIndex:
     def last_seq(self, worker: str) -> int:
         return self._workers[worker].last_seq
 
+    def num_blocks_of(self, worker: str) -> int:
+        """How many blocks the index holds for ``worker`` (O(1))."""
+        st = self._workers.get(worker)
+        return len(st.blocks) if st else 0
+
     def blocks_of(self, worker: str) -> frozenset[BlockHash]:
         st = self._workers.get(worker)
         return frozenset(st.blocks) if st else frozenset()

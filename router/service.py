@@ -173,11 +173,13 @@ class RouterService:
 
     def _snapshots(self, role: str) -> list[WorkerSnapshot]:
         out = []
+        index = self.indexes[role]
         for w in self.cluster.worker_states().get(role, []):
             h = w.health
             out.append(WorkerSnapshot(
                 w.handle.name, h.running if h else 0, h.waiting if h else 0,
                 h.free_blocks if h else 0, h.total_blocks if h else 1, w.up and h is not None,
+                index.num_blocks_of(w.handle.name),
             ))
         return out
 

@@ -217,7 +217,7 @@ def test_kv_aware_logs_cost_per_candidate(caplog):
     make_policy("kv_aware").choose(req(8000, {"p0": 500}), pool, [W("d0", free=900, total=1000)])
     text = caplog.text
     assert "prefill p0: load 9 over balance bound 8, skipped" in text
-    assert "prefill p1: cost 8000.0 (running 0, waiting 0, free 100/100)" in text
+    assert "prefill (cold) p1: cost 8000.0 (running 0, waiting 0, free 100/100)" in text
     assert "decode d0: cost" in text
 
 
@@ -337,3 +337,14 @@ def test_request_block_arithmetic():
     assert r.uncached_tokens(r.prefill_match, "a") == 161 - 48
     assert r.missing_blocks(r.decode_match, "a") == 8
     assert r.missing_blocks(r.decode_match, "b") == 11
+
+
+def test_kv_aware_spreads_cold_prompts_instead_of_chasing_a_shared_header():
+    # Both workers hold only a 1-block shared header of 10-block prompts: below the
+    # cache threshold, so the prompts are new work and alternate over the idle pool.
+    policy = make_policy("kv_aware")
+    pool = [W("p0"), W("p1")]
+    chosen = [policy.choose(req(160, {"p0": 1}), pool, [W("d0")]).prefill for _ in range(4)]
+    assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
+    # a real prefix (over half the prompt) still wins, every time
+    assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}

@@ -1,0 +1,146 @@
+"""The router's residency index and placement against real workers (Ray actors, UCX,
+SmolLM2): exactness under eviction and restart, and kv_aware vs round_robin on a
+multi-turn workload measured from the workers' own counters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.block_hash import hash_blocks
+from cluster.config import ClusterConfig
+from router.placement import make_policy
+from router.service import RequestResult, RouterService
+from tests.integration.prompts import long_text
+from tests.integration.test_disaggregation import Running
+from workers.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+class RouterRunning(Running):
+    def __init__(self, service: RouterService) -> None:  # noqa: D107
+        self.service = service
+        super().__init__(service)
+
+    def ask(self, prompt: list[int], max_tokens: int = 12) -> list[int]:
+        async def go():
+            toks = []
+            async for ev in self.service.run(prompt, [SamplingParams(max_tokens=max_tokens, temperature=0.0)], [], RequestResult(len(prompt))):
+                toks += ev.token_ids
+            return toks
+
+        return self.run(go(), 180)
+
+    def close(self):
+        try:
+            self.run(self.service.stop(), timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def router(ray_runtime):
+    cfg = ClusterConfig.build({
+        # ~56 blocks of 16 tokens per worker: KV capacity is the scarce resource, as in
+        # production. Each prefill worker can hold about half of the conversations below,
+        # so where a conversation's next turn lands decides whether its prefix is still there.
+        "engine": {"kv_cache_memory_gb": 0.0385, "chunk_size": 256, "max_num_batched_tokens": 512},
+        "pools": {"prefill_workers": 2, "decode_workers": 1},
+        "deadlines": {"health_interval_s": 0.5, "transfer_s": 10.0},
+        "router": {"event_poll_s": 0.05},
+    })
+    service = RouterService(cfg)
+    service.shutdown = service.stop  # Running calls start() and shutdown()
+    r = RouterRunning(service)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _computed(r: RouterRunning) -> dict[str, int]:
+    stats = r.run(r.service.cluster.worker_stats())
+    return {f"{s['role']}-{s['index']}": s["prefill_computed_tokens"] for s in stats if s["role"] == "prefill"}
+
+
+def _multi_turn(r: RouterRunning, tok, tag: str) -> dict[str, int]:
+    """5 conversations x 6 turns; each turn's prompt extends the last (answer included).
+    (An odd count, so round-robin does not land each conversation on one worker by luck.)"""
+    before = _computed(r)
+    convs = [[{"role": "system", "content": f"[{tag} conversation {c}] " + long_text(300 + 20 * c)}] for c in range(5)]
+    for turn in range(6):
+        for c, msgs in enumerate(convs):
+            msgs.append({"role": "user", "content": f"Turn {turn}: tell me more about point {turn + c}."})
+            prompt = tok.apply_chat_template(msgs)
+            answer = tok.decode(r.ask(prompt, max_tokens=8), skip_special_tokens=True)
+            msgs.append({"role": "assistant", "content": answer})
+        time.sleep(0.2)  # let the KV events of this turn reach the index
+    after = _computed(r)
+    return {w: after[w] - before.get(w, 0) for w in after}
+
+
+def test_self_check_ran_and_index_is_exact(router):
+    s = router.service
+    assert s.ready and s.indexes["prefill"].mode == "exact" and s.indexes["decode"].mode == "exact"
+    assert s.indexes["prefill"].num_blocks > 0  # the probe's blocks
+
+
+def test_kv_aware_computes_half_the_prefill_of_round_robin(router, tokenizer):
+    s = router.service
+    s.policy_name, s.policy = "round_robin", make_policy("round_robin")
+    rr = _multi_turn(router, tokenizer, "rr")
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware")
+    kv = _multi_turn(router, tokenizer, "kv")
+    assert all(v > 0 for v in rr.values()) and all(v > 0 for v in kv.values()), (rr, kv)  # both workers used
+    assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)
+
+
+def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray_runtime):
+    s = router.service
+    prompts = [tokenizer.encode(f"Eviction probe {i}: " + long_text(500)) for i in range(10)]
+    for p in prompts:  # far more than one worker's pool: old blocks get evicted
+        router.ask(p, max_tokens=2)
+    time.sleep(0.5)
+    router.run(s.pump_events())
+    index = s.indexes["prefill"]
+    checked = 0
+    for w in s.cluster.prefill.workers:
+        for p in prompts:
+            hashes = hash_blocks(p, s.block_size)
+            truth = router.run(w.handle.call("cached_prefix_blocks", hashes, timeout_s=10))
+            assert index.match(hashes, touch=False).num_blocks(w.handle.name) == truth
+            checked += truth == 0
+    assert checked > 0  # some prompts were evicted somewhere, and the index agrees
+
+    # Restart prefill-0: its cache is empty afterwards, and so is its part of the index.
+    victim = s.cluster.prefill.workers[0]
+    before = len(index.blocks_of(victim.handle.name))
+    assert before > 0
+    ray_runtime.kill(victim.handle.target, no_restart=False)
+    assert router.run(s.cluster.prefill.wait_up(0, 120), timeout=130)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        router.run(s.pump_events())
+        if index.worker_mode(victim.handle.name) == "exact" and len(index.blocks_of(victim.handle.name)) == 0:
+            break
+        time.sleep(0.2)
+    assert len(index.blocks_of(victim.handle.name)) == 0
+    # new work on the restarted worker is indexed again
+    s.policy_name, s.policy = "round_robin", make_policy("round_robin")
+    for i in range(2):
+        router.ask(tokenizer.encode(f"After restart {i}: " + long_text(300)), max_tokens=2)
+    time.sleep(0.3)
+    router.run(s.pump_events())
+    assert len(index.blocks_of(victim.handle.name)) > 0
