@@ -130,6 +130,7 @@ class KVRelayCluster:
         self.counters.requests += 1
         emitted = 0
         tried: set[str] = set()
+        timeouts = 0
         while True:
             p, d = self._place(prompt, tried, None if tried else placement)
             try:
@@ -139,6 +140,13 @@ class KVRelayCluster:
                     yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
                                         out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens)
                 return
+            except TimeoutError as e:
+                # A worker that did not answer in time, before anything reached the
+                # caller: try once more (the abort in _attempt freed its reservation).
+                timeouts += 1
+                if emitted > 0 or timeouts > 1:
+                    raise
+                log.warning("%s: %s; retrying once", rid, e)
             except CapacityError:
                 # this decode worker's KV pool is full right now: try another, else give up
                 tried.add(d.handle.name)

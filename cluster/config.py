@@ -55,7 +55,7 @@ class TransferSection(_Strict):
 
 class Deadlines(_Strict):
     startup_s: float = Field(300.0, gt=0)  # a worker loads its model within this
-    reserve_s: float = Field(10.0, gt=0)  # decode worker sets KV blocks aside
+    reserve_s: float = Field(30.0, gt=0)  # decode worker sets KV blocks aside
     prefill_s: float = Field(120.0, gt=0)  # prefill worker returns the first token
     transfer_s: float = Field(30.0, gt=0)  # all pages arrive (else recompute on decode)
     token_s: float = Field(60.0, gt=0)  # longest gap between two streamed tokens

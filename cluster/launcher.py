@@ -26,10 +26,12 @@ def init_ray(config: ClusterConfig) -> None:
     # Logical CPUs: enough slots for every worker actor even on a 2-core machine
     # (each actor pins its own torch thread count).
     cpus = max(os.cpu_count() or 1, int(workers * config.pools.cpus_per_worker + 0.999))
-    address = os.environ.get("RAY_ADDRESS")  # join an existing cluster (KubeRay) if set
+    # Join an existing cluster only when told to (RAY_ADDRESS, e.g. on KubeRay); never
+    # attach by accident to another Ray instance that happens to run on this host.
+    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        num_cpus=None if address else cpus,
+        num_cpus=cpus if address == "local" else None,
         include_dashboard=False,
         log_to_driver=os.environ.get("KVRELAY_RAY_LOGS", "0") == "1",
         configure_logging=False,

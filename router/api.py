@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI). Ray Serve mounts this app as the ingress
 (router/serve_app.py); the handlers reach the RouterService via ``app.state.service``.
 
-Every response carries an ``x-request-id``; every error is OpenAI's envelope
+Every response carries an ``x-request-id`` (set by Ray Serve); every error is OpenAI's envelope
 ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
 
 from __future__ import annotations
@@ -51,13 +51,26 @@ def _service(request: Request | None = None) -> RouterService:
     return s
 
 
-def _error(e: errors.APIError, request_id: str) -> JSONResponse:
-    return JSONResponse(e.error_body(), status_code=e.status, headers={**(e.headers or {}), "x-request-id": request_id})
+def _error(e: errors.APIError, request_id: str) -> JSONResponse:  # noqa: ARG001 - see _request_id
+    return JSONResponse(e.error_body(), status_code=e.status, headers=dict(e.headers or {}))
+
+
+def _request_id(request: Request) -> str:
+    """Ray Serve gives every request an id (the client's ``x-request-id`` if it sent
+    one) and returns it in the ``x-request-id`` response header of every response;
+    the router logs the same id."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:  # not under Serve
+        rid = ""
+    return rid or request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
 
 
 @app.middleware("http")
 async def _request_id_and_auth(request: Request, call_next):
-    request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+    request_id = _request_id(request)
     request.state.request_id = request_id
     service: RouterService | None = _current.get("service")
     key = None if service is None else (service.config.router.api_key or os.environ.get("KVRELAY_API_KEY"))
@@ -66,9 +79,7 @@ async def _request_id_and_auth(request: Request, call_next):
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         if not given or not secrets.compare_digest(given, key):
             return _error(errors.invalid_api_key(given), request_id)
-    response = await call_next(request)
-    response.headers["x-request-id"] = request_id
-    return response
+    return await call_next(request)
 
 
 @app.exception_handler(errors.APIError)
@@ -195,8 +206,7 @@ async def _respond(s: RouterService, request: Request, req, prompt: list[int], p
     stream = s.run(prompt, params, req.stop_strings, result)
     s.inflight += 1
     if req.stream:
-        return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream",
-                                 headers={"x-request-id": request.state.request_id})
+        return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream")
     try:
         texts: dict[int, list[str]] = {i: [] for i in range(len(params))}
         reasons: dict[int, str | None] = {}

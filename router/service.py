@@ -84,6 +84,7 @@ class RouterService:
         self.cluster: KVRelayCluster | None = None
         self.ready = False
         self.inflight = 0
+        self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
         self._started_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
 
@@ -176,8 +177,12 @@ class RouterService:
         index = self.indexes[role]
         for w in self.cluster.worker_states().get(role, []):
             h = w.health
+            # Health is probed periodically; requests placed since then are not in it yet.
+            # Count them, or a burst would all see the same load and land on one worker.
+            mine = self._placed.get(w.handle.name, 0)
+            running = h.running if h else 0
             out.append(WorkerSnapshot(
-                w.handle.name, h.running if h else 0, h.waiting if h else 0,
+                w.handle.name, running, max(h.waiting if h else 0, mine - running),
                 h.free_blocks if h else 0, h.total_blocks if h else 1, w.up and h is not None,
                 index.num_blocks_of(w.handle.name),
             ))
@@ -213,6 +218,9 @@ class RouterService:
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement
+        workers = [w for w in (placement.prefill, placement.decode) if w]
+        for w in workers:
+            self._placed[w] = self._placed.get(w, 0) + len(params)
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"req-{uuid.uuid4().hex[:16]}"
         prefilled = asyncio.Event()
@@ -256,6 +264,8 @@ class RouterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for w in workers:
+                self._placed[w] -= len(params)
 
 
 __all__ = ["ChoiceEvent", "RequestResult", "RouterService", "SelfCheckError", "CapacityError", "NoWorkerError"]
