@@ -1,12 +1,12 @@
 # The two commands a newcomer needs:
-#   make run    set up .venv and run the main job
+#   make run    set up .venv and serve the OpenAI API on http://127.0.0.1:8000/v1
 #   make test   set up .venv and run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Explain in one paragraph what a KV cache is.
 
-.PHONY: setup run test bench clean
+.PHONY: setup run generate test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,13 +20,19 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -e ".[test,bench]"
 
 run: setup
+	$(BIN)/kvrelay serve
+
+generate: setup
 	$(BIN)/kvrelay generate "$(PROMPT)"
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.transfer
+	$(BIN)/python -m bench.disagg
+	$(BIN)/python -m bench.serving
 
 clean:
 	rm -rf $(VENV) .pytest_cache
