@@ -58,3 +58,14 @@ def make_engine(smollm2):
         return Engine(EngineConfig(**kw), loaded=smollm2)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """A local Ray instance for one test module (never an unrelated one on this host)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

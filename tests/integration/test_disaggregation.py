@@ -77,14 +77,6 @@ class Running:
             self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

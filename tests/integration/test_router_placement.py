@@ -60,14 +60,6 @@ def router(ray_runtime):
     r.close()
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 def _computed(r: RouterRunning) -> dict[str, int]:
