@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("--device cuda needs a GPU")
     load_before = _loadavg()
     t0 = time.monotonic()
-    ray.init(num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
              runtime_env={"env_vars": {"UCX_WARN_UNUSED_ENV_VARS": "n"}})
     try:
         gpus = 0.5 if args.device == "cuda" else 0

@@ -95,7 +95,7 @@ class Peer:
 def peers():
     # Ray workers cannot import this module by the name pytest gave it: ship Peer by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"UCX_WARN_UNUSED_ENV_VARS": "n"}})
     actor = ray.remote(num_cpus=0.5)(Peer)
     sender, receiver = actor.remote(), actor.remote()
