@@ -1,0 +1,832 @@
+"""Online serving benchmark over the OpenAI HTTP API: placement policies and
+disaggregated vs colocated, on the same workloads, in one run.
+
+    python -m bench.serving            # full run (~15 min on the 2-core CPU box)
+    python -m bench.serving --quick    # smoke run (~5 min: 2 configurations, small workloads)
+    python -m bench.serving --url http://127.0.0.1:8000 --workloads chat   # against a running server
+    python -m bench.serving --render bench/results/serving.json            # redo .md/.png from a run
+
+For every configuration a ``kvrelay serve`` is started as a subprocess on a free port,
+waited for (GET /health == 200, with a deadline), warmed up, given each workload in
+turn, and stopped (SIGTERM, then SIGKILL after a deadline). Configurations, one server
+at a time (never two at once: they would share the 2 cores):
+
+  kv_aware      2 prefill + 1 decode workers, placement kv_aware      } policies, same
+  round_robin   2 prefill + 1 decode workers, placement round_robin   } workers
+  least_loaded  2 prefill + 1 decode workers, placement least_loaded  }
+  disagg_1p1d   1 prefill + 1 decode worker (KV over UCX), kv_aware   } the same 2 workers,
+  colocated     2 colocated workers (prefill + decode each), kv_aware } two ways
+
+Workloads (bench/workloads.py): multi-turn chat, a shared long system prompt, a
+Mooncake trace replay scaled down. Per configuration and workload: TTFT, TPOT and ITL
+p50/p90/p99, throughput, goodput under the SLO, errors (bench/loadgen.py), and from
+the server's /metrics scraped before and after the workload (counter deltas, summed
+over workers: what the engines realized) the prefill tokens computed and prefix-cache
+hit tokens, next to the router's predicted hit tokens.
+
+Results: ``bench/results/serving.{md,png,json}`` (``--out`` changes the prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import workloads as W
+from bench.loadgen import SLO, RequestSpec, Session, counter_delta, format_summary, run_load, scrape, summarize
+
+MODEL = "SmolLM2-135M-Instruct"
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "kv_aware": {"group": "policy", "policy": "kv_aware", "prefill": 2, "decode": 1, "colocated": False,
+                 "label": "kv_aware, 2P+1D"},
+    "round_robin": {"group": "policy", "policy": "round_robin", "prefill": 2, "decode": 1, "colocated": False,
+                    "label": "round_robin, 2P+1D"},
+    "least_loaded": {"group": "policy", "policy": "least_loaded", "prefill": 2, "decode": 1, "colocated": False,
+                     "label": "least_loaded, 2P+1D"},
+    "disagg_1p1d": {"group": "mode", "policy": "kv_aware", "prefill": 1, "decode": 1, "colocated": False,
+                    "label": "disaggregated 1P+1D, kv_aware"},
+    "colocated": {"group": "mode", "policy": "kv_aware", "prefill": 0, "decode": 2, "colocated": True,
+                  "label": "colocated x2, kv_aware"},
+}
+
+# workload sizes: small, because one CPU stream decodes ~15-20 tok/s and prefill runs at
+# a few hundred tokens/s per worker
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {
+        "configs": list(CONFIGS),
+        "chat": dict(conversations=4, turns=3, doc_words=200, max_tokens=24, rate_per_s=0.5, think_s=0.5),
+        "shared": dict(requests=16, system_words=350, max_tokens=16, rate_per_s=1.0),
+        "trace": dict(requests=24, select="conversations", max_turns=4, input_scale=32, max_input_tokens=512,
+                      max_output_tokens=16, time_scale=0.05),
+    },
+    "quick": {
+        "configs": ["kv_aware", "round_robin"],
+        "chat": dict(conversations=2, turns=2, doc_words=150, max_tokens=12, rate_per_s=1.0, think_s=0.5),
+        "shared": dict(requests=6, system_words=300, max_tokens=12, rate_per_s=1.0),
+        "trace": dict(requests=10, select="conversations", max_turns=3, input_scale=32, max_input_tokens=384,
+                      max_output_tokens=12, time_scale=0.03),
+    },
+}
+WORKLOAD_KEYS = {"chat": "multi_turn_chat", "shared": "shared_system_prompt", "trace": "mooncake_replay"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: kv_aware vs round_robin, small workloads")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--workloads", default="chat,shared,trace", help="comma-separated subset of chat,shared,trace")
+    p.add_argument("--url", default=None, help="no servers started: run the workloads against this running server")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: TTFT <= this many seconds (default 2)")
+    p.add_argument("--slo-tpot", type=float, default=0.25, help="goodput SLO: TPOT <= this many seconds (default 0.25)")
+    p.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (engine.kv_cache_memory_gb)")
+    p.add_argument("--request-timeout", type=float, default=180.0, help="per-request deadline (s)")
+    p.add_argument("--max-duration", type=float, default=240.0, help="per workload: no request sent after this (s)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="a server must be healthy within this (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hotfix-engine-cancel", choices=["auto", "on", "off"], default="auto",
+                   help="load a runtime patch for the engine-thread crash on a cancelled engine call into the "
+                        "servers (see _HOTFIX in this file); auto (default): only while workers/async_engine.py "
+                        "still has the bug; the report says whether it was applied")
+    p.add_argument("--trace", default=str(W.TRACE_PATH), help="Mooncake trace (JSONL)")
+    p.add_argument("--out", default="bench/results/serving", help="output prefix (.md/.png/.json added)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="first wait up to S seconds (polling every 60s) for a 1-minute load average below --quiet-load")
+    p.add_argument("--quiet-load", type=float, default=1.5)
+    p.add_argument("--note", default=None, help="a sentence for the report (what else ran on the machine)")
+    p.add_argument("--render", default=None, metavar="JSON", help="no run: write .md/.png again from a run's JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    args = p.parse_args(argv)
+    args.preset = "quick" if args.quick else "full"
+    preset = PRESETS[args.preset]
+    args.configs = args.configs.split(",") if args.configs else list(preset["configs"])
+    bad = [c for c in args.configs if c not in CONFIGS]
+    if bad:
+        p.error(f"unknown configs {bad}; choose from {list(CONFIGS)}")
+    args.workloads = args.workloads.split(",")
+    bad = [w for w in args.workloads if w not in WORKLOAD_KEYS]
+    if bad:
+        p.error(f"unknown workloads {bad}; choose from {list(WORKLOAD_KEYS)}")
+    return args
+
+
+def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
+    preset = PRESETS[args.preset]
+    out = []
+    for key in args.workloads:
+        if key == "chat":
+            out.append(W.multi_turn_chat(seed=args.seed, **preset["chat"]))
+        elif key == "shared":
+            out.append(W.shared_system_prompt(seed=args.seed, **preset["shared"]))
+        else:
+            out.append(W.mooncake_replay(seed=args.seed, path=args.trace, **preset["trace"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# servers
+# ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(name: str, port: int, kv_cache_gb: float) -> list[str]:
+    c = CONFIGS[name]
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--policy", c["policy"],
+           "--decode-workers", str(c["decode"]), "--set", f"engine.kv_cache_memory_gb={kv_cache_gb}"]
+    if c["colocated"]:
+        cmd.append("--colocated")
+    else:
+        cmd += ["--prefill-workers", str(c["prefill"])]
+    return cmd
+
+
+# Opt-in (--hotfix-engine-cancel) runtime patch for a bug in workers/async_engine.py at the
+# time of writing: AsyncEngine.run_on_engine's command sets the result of a
+# concurrent.futures.Future that the awaiting coroutine may already have cancelled (a
+# cancelled RPC, e.g. the decode worker's ``abort`` after a finished request, or a
+# timeout); set_result and then set_exception raise InvalidStateError into the engine
+# thread's loop, which records an engine crash: the worker is down for good (the actor
+# process lives on, so nothing restarts it) and every later request fails. The patch
+# runs the command and drops the result when nobody waits for it. It is loaded into the
+# server's processes only (a sitecustomize module on their PYTHONPATH); the repository
+# is not modified, and the report says when it was applied.
+_HOTFIX = '''
+import importlib.abc, importlib.util, sys
+
+
+class _KvrelayBenchHotfix(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "workers.async_engine":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def patched_exec(mod):
+            exec_module(mod)
+            import asyncio
+            from concurrent.futures import Future, InvalidStateError
+
+            async def run_on_engine(self, fn, timeout_s=30.0):
+                self._check_alive()
+                fut = Future()
+
+                def call():
+                    try:
+                        result = fn()
+                    except BaseException as e:
+                        try:
+                            fut.set_exception(e)
+                        except InvalidStateError:
+                            pass
+                    else:
+                        try:
+                            fut.set_result(result)
+                        except InvalidStateError:  # the caller was cancelled: nobody waits
+                            pass
+
+                self._submit(call)
+                return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+
+            mod.AsyncEngine.run_on_engine = run_on_engine
+
+        spec.loader.exec_module = patched_exec
+        return spec
+
+
+sys.meta_path.insert(0, _KvrelayBenchHotfix())
+'''
+
+
+def engine_cancel_bug_present(path: str = "workers/async_engine.py") -> bool:
+    """Whether AsyncEngine.run_on_engine still sets a result without minding a cancelled
+    future (read from the source, nothing imported)."""
+    try:
+        src = Path(path).read_text()
+    except OSError:
+        return False
+    start = src.find("def run_on_engine")
+    if start < 0:
+        return False
+    end = min((i for i in (src.find("\n    def ", start + 1), src.find("\n    async def ", start + 1)) if i > 0), default=len(src))
+    body = src[start:end]
+    guards = ("InvalidStateError", "set_running_or_notify_cancel", "cancelled()", ".done()")
+    return "set_result" in body and not any(g in body for g in guards)
+
+
+def hotfix_dir() -> str:
+    d = tempfile.mkdtemp(prefix="kvrelay-bench-hotfix-")
+    Path(d, "sitecustomize.py").write_text(_HOTFIX)
+    return d
+
+
+class Server:
+    """``kvrelay serve`` in a subprocess (own process group), output to a log file."""
+
+    def __init__(self, name: str, kv_cache_gb: float, startup_timeout_s: float, hotfix: bool = False) -> None:
+        self.name = name
+        self.hotfix = hotfix
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = serve_command(name, self.port, kv_cache_gb)
+        self.startup_timeout_s = startup_timeout_s
+        self.log = tempfile.NamedTemporaryFile(prefix=f"kvrelay-serve-{name}-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+        self.stop_s: float | None = None
+        self.killed = False
+        self.hotfix_path: str | None = None
+
+    def start(self) -> None:
+        log(f"{self.name}: starting {' '.join(shlex.quote(c) for c in self.cmd[1:])}")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if self.hotfix:
+            self.hotfix_path = hotfix_dir()
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.hotfix_path, env.get("PYTHONPATH")]))
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = t0 + self.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: kvrelay serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name}: not healthy within {self.startup_timeout_s:.0f}s:\n{self.tail()}")
+            time.sleep(1.0)
+        self.startup_s = time.monotonic() - t0
+        log(f"{self.name}: healthy at {self.url} after {self.startup_s:.0f}s")
+
+    def healthy(self) -> tuple[bool, Any]:
+        try:
+            r = httpx.get(f"{self.url}/health", timeout=10)
+            return r.status_code == 200, r.json()
+        except Exception as e:  # noqa: BLE001
+            return False, str(e)
+
+    def stop(self, timeout_s: float = 90.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name}: no exit {timeout_s:.0f}s after SIGTERM; killing its process group")
+            self.killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(30)
+        self.stop_s = time.monotonic() - t0
+        if self.hotfix_path:
+            shutil.rmtree(self.hotfix_path, ignore_errors=True)
+        log(f"{self.name}: stopped in {self.stop_s:.0f}s (exit {self.proc.returncode})")
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self.log.name).read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+# ---------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------
+
+COUNTERS = {
+    "prefill_computed": "kvrelay_prefill_computed_tokens_total",
+    "prefix_hit": "kvrelay_prefix_cache_hit_tokens_total",
+    "prefix_query": "kvrelay_prefix_cache_query_tokens_total",
+    "preemptions": "kvrelay_preemptions_total",
+    "kv_recomputes": "kvrelay_kv_recomputes_total",
+    "predicted_hit": "kvrelay_router_predicted_hit_tokens_total",
+    "decisions": "kvrelay_router_decisions_total",
+    "requests": "kvrelay_requests_total",
+}
+STATS_POLL_WAIT_S = 2.5  # the router polls the workers' counters every ~1 s
+
+
+async def warm_up(url: str) -> None:
+    """A few short requests (two at a time) so every worker has run the model once."""
+    def spec(i: int) -> RequestSpec:
+        return RequestSpec("chat", {"messages": [{"role": "user", "content": f"Warm-up {i}: name a colour."}],
+                                    "max_tokens": 4, "temperature": 0.0})
+    sessions = [Session(f"warm{i}", 0.0, [spec(2 * i), spec(2 * i + 1)]) for i in range(2)]
+    recs, _ = await run_load(url, MODEL, sessions, max_requests=4, duration_s=120, request_timeout_s=120)
+    bad = [r.error for r in recs if not r.ok]
+    if bad:
+        log(f"warm-up errors: {bad}")
+
+
+async def measure(url: str, wl: W.Workload, args: argparse.Namespace, slo: SLO, before=None) -> dict[str, Any]:
+    """Run one workload; ``before``: a scrape taken after the previous workload settled
+    (nothing ran since), else one is taken here after the counters settle."""
+    if before is None:
+        await asyncio.sleep(STATS_POLL_WAIT_S)
+        before = await scrape(url)
+    load_before = os.getloadavg()
+    progress = (lambda m: log("  " + m)) if args.verbose else None
+    records, timing = await run_load(url, MODEL, wl.sessions, max_requests=10_000, duration_s=args.max_duration,
+                                     request_timeout_s=args.request_timeout, progress=progress)
+    await asyncio.sleep(STATS_POLL_WAIT_S)
+    after = await scrape(url)
+    summary = summarize(records, slo, timing["wall_s"])
+    engine: dict[str, Any] = {}
+    for key, name in COUNTERS.items():
+        group = "worker" if key == "decisions" else ("status" if key == "requests" else ("role" if key != "predicted_hit" else None))
+        engine[key] = counter_delta(before, after, name, group)
+    return {"summary": summary, "engine": engine, "wall_s": timing["wall_s"], "loadavg_before": list(load_before),
+            "_after": after,
+            "loadavg_after": list(os.getloadavg()), "records": [r.to_json() for r in records]}
+
+
+def prefill_side_hits(engine: dict[str, Any]) -> float:
+    """Hit tokens that saved prefill compute: prefill workers, or colocated workers."""
+    d = engine.get("prefix_hit", {})
+    return sum(v for k, v in d.items() if k not in ("total", "decode"))
+
+
+async def run_config(name: str, wls: list[W.Workload], args: argparse.Namespace, slo: SLO) -> dict[str, Any]:
+    out: dict[str, Any] = {"config": name, **CONFIGS.get(name, {}), "workloads": {}}
+    server = None
+    url = args.url
+    try:
+        if url is None:
+            server = Server(name, args.kv_cache_gb, args.startup_timeout, args.hotfix_applied)
+            out["command"] = " ".join(shlex.quote(c) for c in ["kvrelay", *server.cmd[3:]])
+            await asyncio.to_thread(server.start)
+            out["startup_s"] = server.startup_s
+            url = server.url
+        await warm_up(url)
+        before = None
+        for wl in wls:
+            log(f"{name}: {wl.name} ({len(wl.sessions)} sessions)")
+            t0 = time.monotonic()
+            res = await measure(url, wl, args, slo, before)
+            before = res.pop("_after")
+            s = res["summary"]
+            log(f"{name}: {format_summary(wl.name, s)} [{time.monotonic() - t0:.0f}s]; engine: prefill computed "
+                f"{res['engine']['prefill_computed'].get('total', 0):.0f}, prefix hits {res['engine']['prefix_hit']}, "
+                f"predicted {res['engine']['predicted_hit'].get('total', 0):.0f}")
+            if server is not None:
+                ok, health = await asyncio.to_thread(server.healthy)
+                res["healthy_after"] = ok
+                if not ok:
+                    res["health"] = health
+                    log(f"{name}: server UNHEALTHY after {wl.name}: {health}")
+            out["workloads"][wl.name] = res
+    except Exception as e:  # noqa: BLE001  (a broken configuration must not sink the others)
+        out["error"] = f"{type(e).__name__}: {e}"
+        log(f"{name}: FAILED: {out['error']}")
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+            out["stop_s"] = server.stop_s
+            out["killed"] = server.killed
+            out["server_log"] = server.log.name
+            if out.get("error") or any(not w.get("healthy_after", True) for w in out["workloads"].values()):
+                out["server_log_tail"] = server.tail(6000)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                            check=False).stdout.splitlines()
+    dirty = sorted(line[3:] for line in status if line[3:] and not line[3:].startswith("bench/"))
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "gpu": "none", "python": platform.python_version(),
+        "torch": _version("torch"), "ray": _version("ray"), "httpx": _version("httpx"), "git_commit": commit or "?",
+        "uncommitted_changes": dirty, "platform": platform.platform(),
+    }
+
+
+def wait_quiet(limit_s: float, threshold: float) -> list[float]:
+    """Poll the 1-minute load average every 60 s until it is below ``threshold``."""
+    deadline = time.monotonic() + limit_s
+    seen = []
+    while True:
+        load = os.getloadavg()[0]
+        seen.append(round(load, 2))
+        if load < threshold:
+            log(f"1-minute load {load:.2f} < {threshold}: starting")
+            return seen
+        if time.monotonic() + 60 > deadline:
+            log(f"1-minute load still {load:.2f} after waiting; starting anyway")
+            return seen
+        log(f"1-minute load {load:.2f} >= {threshold}: waiting 60s")
+        time.sleep(60)
+
+
+# ---------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------
+
+
+def _ms(d: dict | None, k: str) -> str:
+    v = None if d is None else d.get(k)
+    return "–" if v is None else f"{v * 1000:.0f}"
+
+
+def _n(v: float | None, fmt: str = "{:.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def write_report(result: dict[str, Any], prefix: str) -> None:
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(result, Path(prefix).name)
+    Path(prefix + ".md").write_text(md)
+    try:
+        render_plot(result, prefix + ".png")
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {e}")
+
+
+def render_markdown(result: dict[str, Any], stem: str) -> str:
+    m, a = result["machine"], result["args"]
+    slo = result["slo"]
+    runs = result["runs"]
+    L: list[str] = []
+    L.append("# Online serving: placement policies, disaggregated vs colocated (OpenAI HTTP API, CPU)")
+    L.append("")
+    L.append(f"Reproduce: `{result['command']}`")
+    L.append("")
+    if result["preset"] == "quick":
+        L.append("**This is a `--quick` smoke run** (2 configurations, small workloads): shapes, not conclusions.")
+        L.append("")
+    L.append("| | |")
+    L.append("|---|---|")
+    L.append(f"| date | {result['date']} |")
+    L.append(f"| machine | {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory']} RAM, GPU: {m['gpu']} ({m['platform']}) |")
+    L.append(f"| software | python {m['python']}, torch {m['torch']}, ray {m['ray']}, httpx {m['httpx']}, git {m['git_commit']} |")
+    if m.get("uncommitted_changes"):
+        L.append(f"| uncommitted changes in the tree the servers ran from | {', '.join(m['uncommitted_changes'])} |")
+    L.append(f"| model | {MODEL} (the embedded GGUF, float32 on CPU), block size 16 |")
+    L.append(f"| workers | every worker a Ray actor with 1 CPU and 1 torch thread; KV cache {a['kv_cache_gb']} GB per worker; "
+             "prefix caching on; KV between prefill and decode workers over UCX |")
+    L.append(f"| SLO (goodput) | TTFT ≤ {slo['ttft_s']} s and TPOT ≤ {slo['tpot_s']} s per request, and no error |")
+    L.append(f"| per-request timeout | {a['request_timeout']} s |")
+    if a.get("hotfix_applied"):
+        L.append("| server patch | **runtime patch applied** (`--hotfix-engine-cancel`, default auto: the bug was "
+                 "present in the tree): the servers ran with a runtime patch of "
+                 "`AsyncEngine.run_on_engine` (workers/async_engine.py) so that a cancelled engine call no longer "
+                 "crashes the engine thread (see the note below) |")
+    L.append(f"| load average (1/5/15 min) before / after the run | {result['loadavg_start']} / {result['loadavg_end']} |")
+    if result.get("quiet_wait"):
+        L.append(f"| 1-min load while waiting for a quiet machine | {result['quiet_wait']} |")
+    L.append(f"| run time | {result['run_s']:.0f} s (server start-ups: "
+             + ", ".join(f"{r['config']} {r.get('startup_s') or 0:.0f} s" for r in runs) + ") |")
+    L.append("")
+    if a.get("hotfix_applied"):
+        L.append("**Note (server patch):** without it, the decode worker's engine thread crashed within the first "
+                 "few requests of every disaggregated server in development runs: the router sends `abort` for a "
+                 "request that already finished, that RPC is cancelled, and `run_on_engine` then calls `set_result` "
+                 "on a cancelled `concurrent.futures.Future`; the `InvalidStateError` escapes into the engine loop, "
+                 "the worker is marked down and never restarted, and every later request fails with 'no decode "
+                 "worker is up'. The patch (bench/serving.py, `_HOTFIX`) only drops the result of a call nobody waits "
+                 "for; it does not change the request path's work, so the timings stand for the unpatched code's "
+                 "happy path.")
+        L.append("")
+    if result.get("note"):
+        L.append(f"**Note:** {result['note']}")
+        L.append("")
+    busy = max(result["loadavg_start"][0], max((w["loadavg_before"][0] for r in runs for w in r["workloads"].values()), default=0))
+    if busy > 2.0:
+        L.append(f"**Note:** the machine was shared while this ran (1-minute load average up to {busy:.1f} before a "
+                 "workload, on 2 cores): absolute latencies are inflated and noisy, and other jobs' bursts can "
+                 "hit one configuration and not another.")
+        L.append("")
+    L.append(f"![serving]({stem}.png)")
+    L.append("")
+    L.append("## Configurations")
+    L.append("")
+    L.append("| config | what | command |")
+    L.append("|---|---|---|")
+    for r in runs:
+        L.append(f"| {r['config']} | {r.get('label', '')} | `{r.get('command', '(--url)')}` |")
+    L.append("")
+    L.append("The three policies run on the same 2 prefill + 1 decode workers (3 single-thread workers on 2 cores); "
+             "disaggregated 1P+1D and colocated ×2 run on the same number of workers (2), one way each.")
+    L.append("")
+    L.append("## Workloads")
+    L.append("")
+    for name, wl in result["workloads"].items():
+        L.append(f"* **{name}**: {wl['description']}.")
+        if wl.get("stats"):
+            s = wl["stats"]
+            L.append(f"  Offline: {s['requests']} requests from {s.get('conversations')} conversations, "
+                     f"{s['input_tokens_total']} prompt tokens (mean {s['input_tokens_mean']:.0f}, max {s['input_tokens_max']}; "
+                     f"{s.get('inputs_capped', '?')} cut at the cap), "
+                     f"{s['output_tokens_total']} output tokens; trace span {s['trace_span_s']:.0f} s replayed in "
+                     f"{s['replay_span_s']:.1f} s; one unbounded prefix cache seeing them in order would hit "
+                     f"{s['ideal_hit_tokens']} tokens ({s['ideal_hit_share']:.0%}): the ceiling for any placement.")
+    L.append("")
+    for name in result["workloads"]:
+        L.append(f"## {name}")
+        L.append("")
+        L.append("Latency (ms; percentiles over requests, ITL over all inter-chunk gaps pooled):")
+        L.append("")
+        L.append("| config | ok / sent | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | ITL p50 | ITL p90 | ITL p99 | E2E p50 | out tok/s | goodput req/s | in SLO |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            w = r["workloads"].get(name)
+            if w is None:
+                L.append(f"| {r['config']} | failed: {r.get('error', 'not run')} |" + " |" * 13)
+                continue
+            s = w["summary"]
+            L.append(
+                f"| {r['config']} | {s['ok']} / {s['requests']} | {_ms(s['ttft_s'], 'p50')} | {_ms(s['ttft_s'], 'p90')} | "
+                f"{_ms(s['ttft_s'], 'p99')} | {_ms(s['tpot_s'], 'p50')} | {_ms(s['tpot_s'], 'p90')} | {_ms(s['tpot_s'], 'p99')} | "
+                f"{_ms(s['itl_s'], 'p50')} | {_ms(s['itl_s'], 'p90')} | {_ms(s['itl_s'], 'p99')} | {_ms(s['e2e_s'], 'p50')} | "
+                f"{_n(s['output_tok_per_s'], '{:.1f}')} | {_n(s['goodput_req_per_s'], '{:.2f}')} | "
+                f"{s['good']}/{s['requests']} |"
+            )
+        L.append("")
+        L.append("Prefix reuse (tokens; engine counters are /metrics deltas over the workload, summed over workers):")
+        L.append("")
+        L.append("| config | prompt tokens (usage) | prefill computed (engine) | prefix-hit, prefill side (engine) | prefix-hit, decode side (engine) | router predicted hits | cached_tokens (usage) | hit share (engine, prefill side) | decisions per worker | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for r in runs:
+            w = r["workloads"].get(name)
+            if w is None:
+                continue
+            s, e = w["summary"], w["engine"]
+            hits = prefill_side_hits(e)
+            computed = e["prefill_computed"].get("total", 0.0)
+            share = hits / (hits + computed) if hits + computed else None
+            dec = ", ".join(f"{k} {v:.0f}" for k, v in e["decisions"].items() if k != "total" and v)
+            errs = ", ".join(f"{k} ×{v}" for k, v in s["error_kinds"].items()) or "0"
+            if not w.get("healthy_after", True):
+                errs += " (server unhealthy afterwards)"
+            L.append(
+                f"| {r['config']} | {s['prompt_tokens']} | {computed:.0f} | {hits:.0f} | {e['prefix_hit'].get('decode', 0):.0f} | "
+                f"{e['predicted_hit'].get('total', 0):.0f} | {s['cached_tokens_reported']} | {_n(share, '{:.0%}')} | {dec} | {errs} |"
+            )
+        L.append("")
+    failed = [r for r in runs if r.get("error")]
+    if failed:
+        L.append("## Failures")
+        L.append("")
+        for r in failed:
+            L.append(f"* {r['config']}: {r['error']}")
+        L.append("")
+    L.append("## Commentary")
+    L.append("")
+    L.extend(commentary(result))
+    L.append("")
+    L.append("Raw per-request records (TTFT, every ITL gap, usage, send lag) and the metric deltas per worker are in "
+             f"`{stem}.json`.")
+    L.append("")
+    return "\n".join(L)
+
+
+def _get(result: dict, config: str, wl: str) -> dict | None:
+    for r in result["runs"]:
+        if r["config"] == config:
+            return r["workloads"].get(wl)
+    return None
+
+
+def commentary(result: dict[str, Any]) -> list[str]:
+    """Facts computed from the numbers, then the caveats that always hold here."""
+    L: list[str] = []
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v * 1000:.0f} ms"
+
+    for wl in result["workloads"]:
+        rows = {}
+        for cfg in CONFIGS:
+            w = _get(result, cfg, wl)
+            if w is None:
+                continue
+            e, s = w["engine"], w["summary"]
+            rows[cfg] = {
+                "computed": e["prefill_computed"].get("total", 0.0), "hit": prefill_side_hits(e),
+                "pred": e["predicted_hit"].get("total", 0.0), "ttft50": s["ttft_s"].get("p50"),
+                "ttft90": s["ttft_s"].get("p90"), "tpot50": s["tpot_s"].get("p50"), "itl99": s["itl_s"].get("p99"),
+                "good": s["good"], "n": s["requests"], "errors": s["errors"],
+            }
+        if not rows:
+            continue
+        L.append(f"* **{wl}**")
+        pol = [c for c in ("kv_aware", "round_robin", "least_loaded") if c in rows]
+        if pol:
+            L.append("  * policies (2P+1D): " + "; ".join(
+                f"{c} computed {rows[c]['computed']:.0f} prompt tokens, hit {rows[c]['hit']:.0f} (router predicted "
+                f"{rows[c]['pred']:.0f}), TTFT p50 {ms(rows[c]['ttft50'])} / p90 {ms(rows[c]['ttft90'])}, "
+                f"{rows[c]['good']}/{rows[c]['n']} in SLO" for c in pol) + ".")
+            if "kv_aware" in rows:
+                for other in ("round_robin", "least_loaded"):
+                    if other in rows and rows[other]["computed"] > 0:
+                        diff = rows[other]["computed"] - rows["kv_aware"]["computed"]
+                        L.append(f"  * kv_aware computed {abs(diff):.0f} {'fewer' if diff >= 0 else 'more'} prefill tokens "
+                                 f"than {other} ({abs(diff) / rows[other]['computed']:.0%} of {other}'s).")
+        mode = [c for c in ("disagg_1p1d", "colocated") if c in rows]
+        if mode:
+            L.append("  * modes (2 workers): " + "; ".join(
+                f"{c} TTFT p50 {ms(rows[c]['ttft50'])} / p90 {ms(rows[c]['ttft90'])}, TPOT p50 {ms(rows[c]['tpot50'])}, "
+                f"ITL p99 {ms(rows[c]['itl99'])}, computed {rows[c]['computed']:.0f}, {rows[c]['good']}/{rows[c]['n']} in SLO"
+                for c in mode) + ".")
+        stats = result["workloads"][wl].get("stats") or {}
+        if stats.get("ideal_hit_tokens") is not None:
+            best = max((r["hit"] for r in rows.values()), default=0)
+            L.append(f"  * the offline ceiling (one unbounded cache, infinitely fast) is {stats['ideal_hit_tokens']} hit "
+                     f"tokens; the best configuration realized {best:.0f}. Hits are lost when a conversation's next "
+                     f"turn arrives while the previous one is still queued or prefilling (the replay compresses time "
+                     f"{1 / result['workloads'][wl]['params'].get('time_scale', 1):.0f}x), and, for the policies that ignore the cache, when it lands on the other prefill worker.")
+    L.append("* Router predicted vs engine realized hits: the router predicts at placement, from the blocks its "
+             "index has seen stored; the engine counts hits when it schedules the prompt. A request that waits in a "
+             "worker's queue behind the one that computes its prefix is predicted as a miss but realized as a hit "
+             "(most visible in the shared-system-prompt burst); the reverse (predicted, then evicted) needs a full "
+             "KV cache, which these workloads do not reach.")
+    L.append("")
+    L.append("What these CPU numbers do and do not show:")
+    L.append("")
+    L.append("* The prefix-reuse columns are the solid part: they count tokens the engines really computed or served "
+             "from cache, and they do not depend on how fast the machine is. Placement that keeps a conversation or "
+             "a shared prefix on the worker that holds it must compute fewer prompt tokens; the gap between policies "
+             "is what to look at, and the router's predicted hits next to the engines' realized hits show whether "
+             "its residency index is right.")
+    L.append("* Latencies are from a 2-core CPU box running 2–3 single-thread workers plus the router, Ray and the "
+             "load generator on the same 2 cores: the processes contend for CPU, so a prefill on one worker slows "
+             "the other workers' decode steps. Prefill runs at a few hundred tokens/s per worker, so a burst of "
+             "trace prompts queues for seconds; TTFT is dominated by queueing, and TPOT by the batch sizes and "
+             "CPU sharing. On GPUs the ratios would differ (prefill is far cheaper relative to decode steps, and "
+             "disaggregation's point — keeping long prefills off the decode workers' GPUs — needs workers that do "
+             "not share cores).")
+    L.append("* Disaggregated 1P+1D vs colocated ×2: on this box both use the same 2 cores. Colocated can run two "
+             "prefills in parallel (one per worker) while the single prefill worker of 1P+1D queues them; in exchange "
+             "1P+1D decode steps are never stalled by a prefill on their own worker. Which wins depends on the mix; "
+             "the KV transfer itself is shared memory here (see bench/results/disagg*.md for its cost).")
+    L.append("* Sample sizes are small (tens of requests per cell, a single run, configurations run one after "
+             "another in a fixed order), so p99 is close to the maximum and differences of a few hundred ms in "
+             "TTFT are within the noise of a shared machine. Greedy decoding keeps the requests identical across "
+             "configurations (the chat answers could still differ if batching changes the float sums).")
+    L.append("* The trace replay keeps the trace's prefix structure (equal block ids → equal token blocks) but not "
+             "its scale: inputs are 1/32 of the original, capped; outputs capped; time compressed. Selecting whole "
+             "conversations (rather than the first N requests, which share only the trace's first block) is what "
+             "makes reuse visible at all in a run this short.")
+    return L
+
+
+def render_plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    wls = list(result["workloads"])
+    configs = [r["config"] for r in result["runs"]]
+    fig, axes = plt.subplots(len(wls), 3, figsize=(16, 4.2 * len(wls)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, wl in enumerate(wls):
+        x = np.arange(len(configs))
+        # TTFT percentiles
+        ax = axes[i][0]
+        for j, q in enumerate(("p50", "p90", "p99")):
+            vals = [((_get(result, c, wl) or {}).get("summary", {}).get("ttft_s", {}) or {}).get(q) for c in configs]
+            ax.bar(x + (j - 1) * 0.27, [v or 0 for v in vals], 0.27, label=f"TTFT {q}", color=colors[j])
+        ax.axhline(result["slo"]["ttft_s"], color="k", ls="--", lw=0.8, label="SLO")
+        ax.set_title(f"{wl}: TTFT (s)")
+        ax.set_xticks(x, configs, rotation=20, fontsize=8)
+        ax.legend(fontsize=7)
+        # TPOT / ITL
+        ax = axes[i][1]
+        for j, (metric, q) in enumerate((("tpot_s", "p50"), ("tpot_s", "p90"), ("itl_s", "p50"), ("itl_s", "p99"))):
+            vals = [((_get(result, c, wl) or {}).get("summary", {}).get(metric, {}) or {}).get(q) for c in configs]
+            ax.bar(x + (j - 1.5) * 0.2, [(v or 0) * 1000 for v in vals], 0.2, label=f"{metric[:-2].upper()} {q}", color=colors[j + 3])
+        ax.axhline(result["slo"]["tpot_s"] * 1000, color="k", ls="--", lw=0.8, label="TPOT SLO")
+        ax.set_title(f"{wl}: TPOT / ITL (ms)")
+        ax.set_xticks(x, configs, rotation=20, fontsize=8)
+        ax.legend(fontsize=7)
+        # prefill tokens: computed vs hit (engine), predicted hits
+        ax = axes[i][2]
+        comp = [((_get(result, c, wl) or {}).get("engine", {}).get("prefill_computed", {}) or {}).get("total", 0) for c in configs]
+        hits = [prefill_side_hits((_get(result, c, wl) or {}).get("engine", {})) for c in configs]
+        pred = [((_get(result, c, wl) or {}).get("engine", {}).get("predicted_hit", {}) or {}).get("total", 0) for c in configs]
+        ax.bar(x, comp, 0.5, label="prefill computed", color=colors[0])
+        ax.bar(x, hits, 0.5, bottom=comp, label="prefix-cache hits (prefill side)", color=colors[2])
+        ax.scatter(x, np.array(comp) + np.array(pred), marker="_", s=400, color="k", label="computed + router-predicted hits", zorder=3)
+        ax.set_title(f"{wl}: prompt tokens (engine counters)")
+        ax.set_xticks(x, configs, rotation=20, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"kvrelay serving benchmark ({result['preset']}), SmolLM2-135M on {result['machine']['logical_cpus']} CPU cores; "
+                 f"SLO TTFT ≤ {result['slo']['ttft_s']} s, TPOT ≤ {result['slo']['tpot_s']} s", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
+    wls = build_workloads(args)
+    bug = engine_cancel_bug_present()
+    args.hotfix_applied = args.url is None and (args.hotfix_engine_cancel == "on" or (args.hotfix_engine_cancel == "auto" and bug))
+    log(f"engine cancel bug in workers/async_engine.py: {'present' if bug else 'not found'}; "
+        f"runtime patch {'applied' if args.hotfix_applied else 'not applied'}")
+    result: dict[str, Any] = {
+        "command": "python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "preset": args.preset,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("render",)},
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "workloads": {w.name: {"description": w.description, "params": w.params, "stats": w.stats} for w in wls},
+        "note": args.note,
+        "runs": [],
+    }
+    if args.wait_quiet > 0:
+        result["quiet_wait"] = await asyncio.to_thread(wait_quiet, args.wait_quiet, args.quiet_load)
+    result["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.monotonic()
+    configs = args.configs if args.url is None else ["external"]
+    for name in configs:
+        result["runs"].append(await run_config(name, wls, args, slo))
+    result["run_s"] = time.monotonic() - t0
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        write_report(result, args.render.removesuffix(".json"))
+        log(f"wrote {args.render.removesuffix('.json')}.md/.png")
+        return 0
+    result = asyncio.run(main_async(args))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
+    log(f"wrote {args.out}.json/.md/.png in {result['run_s']:.0f}s")
+    return 0 if all(not r.get("error") for r in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
