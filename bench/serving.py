@@ -585,12 +585,12 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
         L.append("")
         L.append("Latency (ms; percentiles over requests, ITL over all inter-chunk gaps pooled):")
         L.append("")
-        L.append("| config | ok / sent | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | ITL p50 | ITL p90 | ITL p99 | E2E p50 | out tok/s | goodput req/s | in SLO |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("| config | ok / sent | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | ITL p50 | ITL p90 | ITL p99 | E2E p50 | out tok/s | goodput req/s | in SLO | 1-min load before / after |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in runs:
             w = r["workloads"].get(name)
             if w is None:
-                L.append(f"| {r['config']} | failed: {r.get('error', 'not run')} |" + " |" * 13)
+                L.append(f"| {r['config']} | failed: {r.get('error', 'not run')} |" + " |" * 14)
                 continue
             s = w["summary"]
             L.append(
@@ -598,7 +598,7 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
                 f"{_ms(s['ttft_s'], 'p99')} | {_ms(s['tpot_s'], 'p50')} | {_ms(s['tpot_s'], 'p90')} | {_ms(s['tpot_s'], 'p99')} | "
                 f"{_ms(s['itl_s'], 'p50')} | {_ms(s['itl_s'], 'p90')} | {_ms(s['itl_s'], 'p99')} | {_ms(s['e2e_s'], 'p50')} | "
                 f"{_n(s['output_tok_per_s'], '{:.1f}')} | {_n(s['goodput_req_per_s'], '{:.2f}')} | "
-                f"{s['good']}/{s['requests']} |"
+                f"{s['good']}/{s['requests']} | {w['loadavg_before'][0]:.1f} / {w['loadavg_after'][0]:.1f} |"
             )
         L.append("")
         L.append("Prefix reuse (tokens; engine counters are /metrics deltas over the workload, summed over workers):")
@@ -694,6 +694,7 @@ def commentary(result: dict[str, Any]) -> list[str]:
                      f"tokens; the best configuration realized {best:.0f}. Hits are lost when a conversation's next "
                      f"turn arrives while the previous one is still queued or prefilling (the replay compresses time "
                      f"{1 / result['workloads'][wl]['params'].get('time_scale', 1):.0f}x), and, for the policies that ignore the cache, when it lands on the other prefill worker.")
+    L.extend(trace_reuse_lines(result))
     L.append("* Router predicted vs engine realized hits: the router predicts at placement, from the blocks its "
              "index has seen stored; the engine counts hits when it schedules the prompt. A request that waits in a "
              "worker's queue behind the one that computes its prefix is predicted as a miss but realized as a hit "
@@ -727,6 +728,78 @@ def commentary(result: dict[str, Any]) -> list[str]:
              "conversations (rather than the first N requests, which share only the trace's first block) is what "
              "makes reuse visible at all in a run this short.")
     return L
+
+
+def trace_reuse_diagnostic(result: dict[str, Any]) -> dict[str, dict[str, int]] | None:
+    """Per configuration, over the trace replay's follow-up requests (those sharing >= 2
+    blocks with an earlier one): how many were sent after that earlier request had its
+    first token (its prompt's blocks stored on its prefill worker, so the router could
+    know), and how many of those still got fewer cached tokens than the shared prefix.
+    The workload is rebuilt from its stored parameters (deterministic)."""
+    wl = result["workloads"].get("mooncake_replay")
+    if wl is None:
+        return None
+    try:
+        params = {k: v for k, v in wl["params"].items() if k != "block_tokens"}
+        params["token_range"] = tuple(params.get("token_range", (1000, 40000)))
+        rebuilt = W.mooncake_replay(**params)
+    except Exception as e:  # noqa: BLE001  (no trace file here: no diagnostic)
+        log(f"trace diagnostic skipped: {e}")
+        return None
+    bs = 16
+    prompts = {s.turns[0].meta["trace_index"]: s.turns[0].body["prompt"] for s in rebuilt.sessions}
+    order = [s.turns[0].meta["trace_index"] for s in rebuilt.sessions]
+
+    def shared_blocks(a: list[int], b: list[int]) -> int:
+        n = 0
+        while (n + 1) * bs <= min(len(a), len(b)) and a[n * bs:(n + 1) * bs] == b[n * bs:(n + 1) * bs]:
+            n += 1
+        return n
+
+    out = {}
+    for run in result["runs"]:
+        w = run["workloads"].get("mooncake_replay")
+        if w is None:
+            continue
+        recs = {r["meta"].get("trace_index"): r for r in w["records"]}
+        d = {"followups": 0, "parent_ready": 0, "missed_when_ready": 0, "missed_tokens_when_ready": 0}
+        for j, i in enumerate(order):
+            best, parent = 0, None
+            for k in order[:j]:
+                b = shared_blocks(prompts[i], prompts[k])
+                if b > best:
+                    best, parent = b, k
+            rec, prec = recs.get(i), recs.get(parent)
+            if best < 2 or rec is None or prec is None or not rec["ok"] or not prec["ok"]:
+                continue
+            d["followups"] += 1
+            if prec["sent_s"] + prec["ttft_s"] < rec["sent_s"]:
+                d["parent_ready"] += 1
+                expect = min(best * bs, (len(prompts[i]) - 1) // bs * bs)
+                if (rec["cached_tokens"] or 0) < expect:
+                    d["missed_when_ready"] += 1
+                    d["missed_tokens_when_ready"] += expect - (rec["cached_tokens"] or 0)
+        out[run["config"]] = d
+    return out
+
+
+def trace_reuse_lines(result: dict[str, Any]) -> list[str]:
+    diag = result.get("trace_diagnostic") or trace_reuse_diagnostic(result)
+    if not diag:
+        return []
+    parts = [f"{c}: {d['missed_when_ready']} of {d['parent_ready']} missed ({d['missed_tokens_when_ready']} tokens)"
+             for c, d in diag.items()]
+    n = next(iter(diag.values()))["followups"]
+    return [f"* Trace follow-ups ({n} requests sharing ≥ 2 blocks with an earlier one): of those sent after the "
+            "earlier request's first token (its blocks already stored, so the router's index could know), how many "
+            "still got fewer cached tokens than the shared prefix — " + "; ".join(parts) + ". With one prefill "
+            "worker (disagg_1p1d) every such request must hit; with two, a miss means placement sent it away from "
+            "the worker holding its prefix. A likely contributor on 2P+1D (a hypothesis, not isolated here): the router "
+            "counts each request against the prefill worker it placed it on until the whole request ends "
+            "(`_placed` in router/service.py), so requests that are already decoding on the decode worker still "
+            "look like queue load on their prefill worker, and kv_aware's load term (256 prompt tokens per "
+            "request) can outweigh a few hundred tokens of prefix; colocated workers really do carry those "
+            "requests, which fits their having fewer misses."]
 
 
 def render_plot(result: dict[str, Any], path: str) -> None:
