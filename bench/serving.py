@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -105,10 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-duration", type=float, default=240.0, help="per workload: no request sent after this (s)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="a server must be healthy within this (s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hotfix-engine-cancel", choices=["auto", "on", "off"], default="auto",
-                   help="load a runtime patch for the engine-thread crash on a cancelled engine call into the "
-                        "servers (see _HOTFIX in this file); auto (default): only while workers/async_engine.py "
-                        "still has the bug; the report says whether it was applied")
     p.add_argument("--trace", default=str(W.TRACE_PATH), help="Mooncake trace (JSONL)")
     p.add_argument("--out", default="bench/results/serving", help="output prefix (.md/.png/.json added)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -166,92 +161,11 @@ def serve_command(name: str, port: int, kv_cache_gb: float) -> list[str]:
     return cmd
 
 
-# Opt-in (--hotfix-engine-cancel) runtime patch for a bug in workers/async_engine.py at the
-# time of writing: AsyncEngine.run_on_engine's command sets the result of a
-# concurrent.futures.Future that the awaiting coroutine may already have cancelled (a
-# cancelled RPC, e.g. the decode worker's ``abort`` after a finished request, or a
-# timeout); set_result and then set_exception raise InvalidStateError into the engine
-# thread's loop, which records an engine crash: the worker is down for good (the actor
-# process lives on, so nothing restarts it) and every later request fails. The patch
-# runs the command and drops the result when nobody waits for it. It is loaded into the
-# server's processes only (a sitecustomize module on their PYTHONPATH); the repository
-# is not modified, and the report says when it was applied.
-_HOTFIX = '''
-import importlib.abc, importlib.util, sys
-
-
-class _KvrelayBenchHotfix(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "workers.async_engine":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        exec_module = spec.loader.exec_module
-
-        def patched_exec(mod):
-            exec_module(mod)
-            import asyncio
-            from concurrent.futures import Future, InvalidStateError
-
-            async def run_on_engine(self, fn, timeout_s=30.0):
-                self._check_alive()
-                fut = Future()
-
-                def call():
-                    try:
-                        result = fn()
-                    except BaseException as e:
-                        try:
-                            fut.set_exception(e)
-                        except InvalidStateError:
-                            pass
-                    else:
-                        try:
-                            fut.set_result(result)
-                        except InvalidStateError:  # the caller was cancelled: nobody waits
-                            pass
-
-                self._submit(call)
-                return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
-
-            mod.AsyncEngine.run_on_engine = run_on_engine
-
-        spec.loader.exec_module = patched_exec
-        return spec
-
-
-sys.meta_path.insert(0, _KvrelayBenchHotfix())
-'''
-
-
-def engine_cancel_bug_present(path: str = "workers/async_engine.py") -> bool:
-    """Whether AsyncEngine.run_on_engine still sets a result without minding a cancelled
-    future (read from the source, nothing imported)."""
-    try:
-        src = Path(path).read_text()
-    except OSError:
-        return False
-    start = src.find("def run_on_engine")
-    if start < 0:
-        return False
-    end = min((i for i in (src.find("\n    def ", start + 1), src.find("\n    async def ", start + 1)) if i > 0), default=len(src))
-    body = src[start:end]
-    guards = ("InvalidStateError", "set_running_or_notify_cancel", "cancelled()", ".done()")
-    return "set_result" in body and not any(g in body for g in guards)
-
-
-def hotfix_dir() -> str:
-    d = tempfile.mkdtemp(prefix="kvrelay-bench-hotfix-")
-    Path(d, "sitecustomize.py").write_text(_HOTFIX)
-    return d
-
-
 class Server:
     """``kvrelay serve`` in a subprocess (own process group), output to a log file."""
 
-    def __init__(self, name: str, kv_cache_gb: float, startup_timeout_s: float, hotfix: bool = False) -> None:
+    def __init__(self, name: str, kv_cache_gb: float, startup_timeout_s: float) -> None:
         self.name = name
-        self.hotfix = hotfix
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = serve_command(name, self.port, kv_cache_gb)
@@ -261,14 +175,10 @@ class Server:
         self.startup_s: float | None = None
         self.stop_s: float | None = None
         self.killed = False
-        self.hotfix_path: str | None = None
 
     def start(self) -> None:
         log(f"{self.name}: starting {' '.join(shlex.quote(c) for c in self.cmd[1:])}")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        if self.hotfix:
-            self.hotfix_path = hotfix_dir()
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.hotfix_path, env.get("PYTHONPATH")]))
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = t0 + self.startup_timeout_s
@@ -310,8 +220,6 @@ class Server:
                 pass
             self.proc.wait(30)
         self.stop_s = time.monotonic() - t0
-        if self.hotfix_path:
-            shutil.rmtree(self.hotfix_path, ignore_errors=True)
         log(f"{self.name}: stopped in {self.stop_s:.0f}s (exit {self.proc.returncode})")
 
     def tail(self, n: int = 3000) -> str:
@@ -384,7 +292,7 @@ async def run_config(name: str, wls: list[W.Workload], args: argparse.Namespace,
     url = args.url
     try:
         if url is None:
-            server = Server(name, args.kv_cache_gb, args.startup_timeout, args.hotfix_applied)
+            server = Server(name, args.kv_cache_gb, args.startup_timeout)
             out["command"] = " ".join(shlex.quote(c) for c in ["kvrelay", *server.cmd[3:]])
             await asyncio.to_thread(server.start)
             out["startup_s"] = server.startup_s
@@ -526,8 +434,7 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
     L.append(f"| SLO (goodput) | TTFT ≤ {slo['ttft_s']} s and TPOT ≤ {slo['tpot_s']} s per request, and no error |")
     L.append(f"| per-request timeout | {a['request_timeout']} s |")
     if a.get("hotfix_applied"):
-        L.append("| server patch | **runtime patch applied** (`--hotfix-engine-cancel`, default auto: the bug was "
-                 "present in the tree): the servers ran with a runtime patch of "
+        L.append("| server patch | **runtime patch applied** (an option this script had then): the servers ran with a runtime patch of "
                  "`AsyncEngine.run_on_engine` (workers/async_engine.py) so that a cancelled engine call no longer "
                  "crashes the engine thread (see the note below) |")
     L.append(f"| load average (1/5/15 min) before / after the run | {result['loadavg_start']} / {result['loadavg_end']} |")
@@ -542,9 +449,9 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
                  "request that already finished, that RPC is cancelled, and `run_on_engine` then calls `set_result` "
                  "on a cancelled `concurrent.futures.Future`; the `InvalidStateError` escapes into the engine loop, "
                  "the worker is marked down and never restarted, and every later request fails with 'no decode "
-                 "worker is up'. The patch (bench/serving.py, `_HOTFIX`) only drops the result of a call nobody waits "
-                 "for; it does not change the request path's work, so the timings stand for the unpatched code's "
-                 "happy path.")
+                 "worker is up'. The patch only dropped the result of a call nobody waits "
+                 "for, the same change that is now in workers/async_engine.py (the engine no longer crashes there), "
+                 "so the option is gone and these timings stand for the current code.")
         L.append("")
     if result.get("note"):
         L.append(f"**Note:** {result['note']}")
@@ -859,10 +766,6 @@ def render_plot(result: dict[str, Any], path: str) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     wls = build_workloads(args)
-    bug = engine_cancel_bug_present()
-    args.hotfix_applied = args.url is None and (args.hotfix_engine_cancel == "on" or (args.hotfix_engine_cancel == "auto" and bug))
-    log(f"engine cancel bug in workers/async_engine.py: {'present' if bug else 'not found'}; "
-        f"runtime patch {'applied' if args.hotfix_applied else 'not applied'}")
     result: dict[str, Any] = {
         "command": "python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "preset": args.preset,

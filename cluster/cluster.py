@@ -181,8 +181,8 @@ class KVRelayCluster:
                                     False, None, first.num_prompt_tokens, first.num_cached_tokens, 1)
             args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None)
             async for out in d.handle.stream("decode", *args, item_timeout_s=dl.token_s):
+                finished = out.finished  # before yielding: the caller may stop at the last one
                 yield out
-                finished = out.finished
         finally:
             if not finished:  # cancelled, failed or abandoned: free the blocks on D
                 await self._abort_quietly(d, rid)

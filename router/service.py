@@ -218,8 +218,10 @@ class RouterService:
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement
-        workers = [w for w in (placement.prefill, placement.decode) if w]
-        for w in workers:
+        # Count the request against its workers until the health probes see it: on the
+        # prefill worker until its first token (prefill done), on the decode worker
+        # until it ends.
+        for w in filter(None, (placement.prefill, placement.decode)):
             self._placed[w] = self._placed.get(w, 0) + len(params)
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"req-{uuid.uuid4().hex[:16]}"
@@ -229,8 +231,12 @@ class RouterService:
             if i > 0:
                 await prefilled.wait()
             stream = TextStream(self.tokenizer.hf, prompt, stop_strings)
+            first_seen = False
             try:
                 async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode)):
+                    if not first_seen:
+                        first_seen = True
+                        self._unplace(placement.prefill)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
                         result.cached_tokens = out.num_cached_tokens
@@ -249,6 +255,8 @@ class RouterService:
                 raise
             finally:
                 prefilled.set()
+                if not first_seen:
+                    self._unplace(placement.prefill)
 
         tasks = [asyncio.create_task(choice(i)) for i in range(len(params))]
         done = 0
@@ -264,8 +272,11 @@ class RouterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for w in workers:
-                self._placed[w] -= len(params)
+            self._placed[placement.decode] -= len(params)
+
+    def _unplace(self, worker: str | None) -> None:
+        if worker is not None:
+            self._placed[worker] -= 1
 
 
 __all__ = ["ChoiceEvent", "RequestResult", "RouterService", "SelfCheckError", "CapacityError", "NoWorkerError"]

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from workers.engine import Engine, RequestOutput
@@ -30,6 +30,19 @@ from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless its waiter already gave up (cancelled it)."""
+    if fut.cancelled():
+        return
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass
 
 
 class EngineDeadError(RuntimeError):
@@ -106,10 +119,14 @@ class AsyncEngine:
         fut: Future = Future()
 
         def call() -> None:
+            # Runs even if the caller was cancelled meanwhile (an abort must still
+            # happen); the result then has nobody to go to, which is fine.
             try:
-                fut.set_result(fn())
+                result = fn()
             except BaseException as e:  # delivered to the awaiting caller
-                fut.set_exception(e)
+                _settle(fut, error=e)
+            else:
+                _settle(fut, result=result)
 
         self._submit(call)
         return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
@@ -155,9 +172,13 @@ class AsyncEngine:
             while not self._stop.is_set():
                 while True:
                     try:
-                        self._cmds.get_nowait()()
+                        cmd = self._cmds.get_nowait()
                     except queue.Empty:
                         break
+                    try:
+                        cmd()
+                    except Exception:  # a failed command must not take the engine down
+                        log.exception("engine command failed")
                 if not self.engine.has_unfinished:
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
