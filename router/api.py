@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API (FastAPI). Ray Serve mounts this app as the ingress
-(router/serve_app.py); the handlers reach the RouterService via ``app.state.service``.
+(router/serve_app.py); the handlers reach the RouterService installed in this module (`install`).
 
 Every response carries an ``x-request-id`` (set by Ray Serve); every error is OpenAI's envelope
 ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
