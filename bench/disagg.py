@@ -64,6 +64,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from bench.common import cpu_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -453,14 +454,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         import ucxx
 

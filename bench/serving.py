@@ -50,6 +50,7 @@ import httpx
 
 from bench import workloads as W
 from bench.loadgen import SLO, RequestSpec, Session, counter_delta, format_summary, run_load, scrape, summarize
+from bench.common import cpu_name
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -342,14 +343,7 @@ def _version(pkg: str) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = "?"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -49,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench.common import cpu_name
 
 # ---------------------------------------------------------------------------------------
 # options
@@ -557,14 +558,6 @@ def single_md(s: dict | None) -> list[str]:
     ]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _command(argv: list[str] | None) -> str:
@@ -682,7 +675,7 @@ def run_cpu(args, argv=None) -> int:
         "mode": "cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": _command(argv),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "torch": torch.__version__,
@@ -953,7 +946,7 @@ def run_gpu(args, argv=None, device: torch.device | None = None) -> int:
         "mode": "gpu",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": _command(argv),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if is_cuda else str(device),
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),

@@ -50,6 +50,7 @@ from pathlib import Path
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 import torch  # noqa: E402
+from bench.common import cpu_name
 
 # SmolLM2-135M's KV: 30 layers, 3 KV heads, head_dim 64; float32 here.
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
@@ -271,7 +272,7 @@ def _meta(args, argv, sizes, repeats, load_before, total_s) -> dict:
         "device": args.device,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m bench.transfer", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
-        "machine": _cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "machine": cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(0),
         "cpu_count": os.cpu_count(),
         "torch_threads_per_actor": 1,
         "python": platform.python_version(),
@@ -371,14 +372,6 @@ def _plot(path: Path, meta: dict, results: list[dict]) -> None:
     plt.close(fig)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _loadavg() -> list[float] | None:
