@@ -38,17 +38,22 @@ class WorkerHandle:
     def __repr__(self) -> str:
         return f"<worker {self.name}>"
 
+    def _failure(self, method: str, e: Exception, timed_out: str) -> Exception:
+        """One translation of every way a call can fail: deadline, dead worker, or the
+        worker's own exception (unwrapped from Ray's)."""
+        if isinstance(e, asyncio.TimeoutError):
+            return TimeoutError(f"{self.name}.{method} {timed_out}")
+        if isinstance(e, _ray_errors()):
+            return WorkerDiedError(f"{self.name} died during {method}: {e}")
+        return unwrap(e)
+
     async def call(self, method: str, *args: Any, timeout_s: float) -> Any:
         try:
             if self.is_ray:
                 return await asyncio.wait_for(getattr(self.target, method).remote(*args), timeout_s)
             return await asyncio.wait_for(getattr(self.target, method)(*args), timeout_s)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"{self.name}.{method} did not answer within {timeout_s}s") from None
-        except _ray_errors() as e:
-            raise WorkerDiedError(f"{self.name} died during {method}: {e}") from e
         except Exception as e:
-            raise unwrap(e) from None
+            raise self._failure(method, e, f"did not answer within {timeout_s}s") from None
 
     async def stream(self, method: str, *args: Any, item_timeout_s: float) -> AsyncIterator[Any]:
         """Iterate a streaming method; each item must come within ``item_timeout_s``."""
@@ -66,12 +71,8 @@ class WorkerHandle:
                 except StopAsyncIteration:
                     done = True
                     return
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"{self.name}.{method} sent nothing for {item_timeout_s}s") from None
-                except _ray_errors() as e:
-                    raise WorkerDiedError(f"{self.name} died during {method}: {e}") from e
                 except Exception as e:
-                    raise unwrap(e) from None
+                    raise self._failure(method, e, f"sent nothing for {item_timeout_s}s") from None
                 yield item
         finally:
             if not self.is_ray:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cluster.block_hash import hash_blocks
 from cluster.cluster import KVRelayCluster, NoWorkerError
@@ -63,7 +63,6 @@ class RequestResult:
     cached_tokens: int = 0
     completion_tokens: int = 0
     placement: Placement | None = None
-    texts: dict[int, list[str]] = field(default_factory=dict)
 
 
 class RouterService:

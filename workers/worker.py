@@ -154,8 +154,3 @@ class WorkerBase:
         for the router's residency index)."""
         return await self.aengine.run_on_engine(lambda: self.engine.block_manager.match_prefix(block_hashes).num_blocks)
 
-    async def ping(self) -> float:
-        return time.time()
-
-    async def pid(self) -> int:
-        return os.getpid()
