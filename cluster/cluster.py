@@ -55,7 +55,9 @@ class KVRelayCluster:
         self._rr = itertools.count()
         self._choose = choose or self._default_choice
         pools = config.pools
-        res = Resources(pools.cpus_per_worker, pools.gpus_per_worker, pools.max_restarts)
+
+        def res(custom: dict[str, float]) -> Resources:
+            return Resources(pools.cpus_per_worker, pools.gpus_per_worker, pools.max_restarts, tuple(sorted(custom.items())))
         engine = config.engine_config()
         dl = config.deadlines
         transport = "none" if pools.colocated else config.transfer.transport
@@ -69,10 +71,10 @@ class KVRelayCluster:
 
         if pools.colocated:
             self.prefill = None
-            self.decode = WorkerPool("colocated", specs("colocated", pools.decode_workers), res, use_ray)
+            self.decode = WorkerPool("colocated", specs("colocated", pools.decode_workers), res(pools.decode_resources), use_ray)
         else:
-            self.prefill = WorkerPool("prefill", specs("prefill", pools.prefill_workers), res, use_ray)
-            self.decode = WorkerPool("decode", specs("decode", pools.decode_workers), res, use_ray)
+            self.prefill = WorkerPool("prefill", specs("prefill", pools.prefill_workers), res(pools.prefill_resources), use_ray)
+            self.decode = WorkerPool("decode", specs("decode", pools.decode_workers), res(pools.decode_resources), use_ray)
 
     @property
     def pools(self) -> list[WorkerPool]:

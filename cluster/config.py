@@ -43,6 +43,11 @@ class PoolSection(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads; default: cpus_per_worker
     max_restarts: int = Field(3, ge=-1)  # Ray restarts a dead worker up to this many times (-1: forever)
+    # Extra Ray custom resources per worker actor, e.g. {"kvrelay_prefill": 1} so that
+    # prefill actors land only on the pods of the prefill worker group (the Helm chart
+    # gives each group's pods one unit: one worker per pod).
+    prefill_resources: dict[str, float] = Field(default_factory=dict)
+    decode_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class TransferSection(_Strict):
@@ -64,6 +69,18 @@ class Deadlines(_Strict):
     drain_s: float = Field(30.0, gt=0)
 
 
+class MetricsSection(_Strict):
+    # Every worker process serves its own Prometheus /metrics; the router lists them
+    # all (itself included) at /metrics/targets in Prometheus' HTTP service-discovery
+    # format, so one scrape config reaches every process on every node.
+    enabled: bool = True
+    host: str = "0.0.0.0"  # the workers' metrics servers bind here
+    # 0: each worker picks a free port (the embedded mode: several workers per host).
+    # Fixed (e.g. 9400) on Kubernetes, where each pod runs one worker and a PodMonitor
+    # scrapes that port.
+    worker_port: int = Field(0, ge=0, le=65535)
+
+
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -82,6 +99,7 @@ class ClusterConfig(_Strict):
     pools: PoolSection = PoolSection()
     transfer: TransferSection = TransferSection()
     deadlines: Deadlines = Deadlines()
+    metrics: MetricsSection = MetricsSection()
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":

@@ -46,6 +46,7 @@ class Resources:
     num_cpus: float
     num_gpus: float
     max_restarts: int
+    custom: tuple[tuple[str, float], ...] = ()  # Ray custom resources, e.g. (("kvrelay_prefill", 1.0),)
 
 
 class WorkerPool:
@@ -69,6 +70,7 @@ class WorkerPool:
                     num_cpus=self.resources.num_cpus,
                     num_gpus=self.resources.num_gpus,
                     max_restarts=self.resources.max_restarts,
+                    resources=dict(self.resources.custom) or None,
                     max_task_retries=0,  # a request is retried by the cluster, never replayed blindly
                     max_concurrency=1000,
                 )
