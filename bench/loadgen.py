@@ -471,10 +471,19 @@ def _split_labels(s: str) -> list[str]:
 
 
 async def scrape(base_url: str, timeout_s: float = 10.0) -> list[tuple[str, dict[str, str], float]]:
+    """Every kvrelay process's samples: the router lists them (itself included) at
+    /metrics/targets, as it does for Prometheus."""
     async with httpx.AsyncClient(timeout=timeout_s) as c:
-        r = await c.get(base_url.rstrip("/") + "/metrics")
+        r = await c.get(base_url.rstrip("/") + "/metrics/targets")
         r.raise_for_status()
-        return parse_prometheus(r.text)
+        samples = []
+        for group in r.json():
+            path = group.get("labels", {}).get("__metrics_path__", "/metrics")
+            for target in group["targets"]:
+                m = await c.get(f"http://{target}{path}")
+                m.raise_for_status()
+                samples += parse_prometheus(m.text)
+        return samples
 
 
 def counter_delta(before, after, name: str, group_by: str | None = None) -> dict[str, float]:

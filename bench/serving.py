@@ -36,19 +36,16 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from bench import workloads as W
+from bench.server import Server, log
 from bench.loadgen import SLO, RequestSpec, Session, counter_delta, format_summary, run_load, scrape, summarize
 from bench.common import cpu_name
 
@@ -86,10 +83,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 WORKLOAD_KEYS = {"chat": "multi_turn_chat", "shared": "shared_system_prompt", "trace": "mooncake_replay"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,89 +138,15 @@ def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
 # ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(name: str, port: int, kv_cache_gb: float) -> list[str]:
+def serve_command(name: str, kv_cache_gb: float) -> list[str]:
+    """``kvrelay serve`` arguments of one configuration (after ``--port``)."""
     c = CONFIGS[name]
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--policy", c["policy"],
-           "--decode-workers", str(c["decode"]), "--set", f"engine.kv_cache_memory_gb={kv_cache_gb}"]
+    cmd = ["--policy", c["policy"], "--decode-workers", str(c["decode"]), "--set", f"engine.kv_cache_memory_gb={kv_cache_gb}"]
     if c["colocated"]:
         cmd.append("--colocated")
     else:
         cmd += ["--prefill-workers", str(c["prefill"])]
     return cmd
-
-
-class Server:
-    """``kvrelay serve`` in a subprocess (own process group), output to a log file."""
-
-    def __init__(self, name: str, kv_cache_gb: float, startup_timeout_s: float) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = serve_command(name, self.port, kv_cache_gb)
-        self.startup_timeout_s = startup_timeout_s
-        self.log = tempfile.NamedTemporaryFile(prefix=f"kvrelay-serve-{name}-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-        self.stop_s: float | None = None
-        self.killed = False
-
-    def start(self) -> None:
-        log(f"{self.name}: starting {' '.join(shlex.quote(c) for c in self.cmd[1:])}")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = t0 + self.startup_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: kvrelay serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name}: not healthy within {self.startup_timeout_s:.0f}s:\n{self.tail()}")
-            time.sleep(1.0)
-        self.startup_s = time.monotonic() - t0
-        log(f"{self.name}: healthy at {self.url} after {self.startup_s:.0f}s")
-
-    def healthy(self) -> tuple[bool, Any]:
-        try:
-            r = httpx.get(f"{self.url}/health", timeout=10)
-            return r.status_code == 200, r.json()
-        except Exception as e:  # noqa: BLE001
-            return False, str(e)
-
-    def stop(self, timeout_s: float = 90.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name}: no exit {timeout_s:.0f}s after SIGTERM; killing its process group")
-            self.killed = True
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(30)
-        self.stop_s = time.monotonic() - t0
-        log(f"{self.name}: stopped in {self.stop_s:.0f}s (exit {self.proc.returncode})")
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return Path(self.log.name).read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +212,7 @@ async def run_config(name: str, wls: list[W.Workload], args: argparse.Namespace,
     url = args.url
     try:
         if url is None:
-            server = Server(name, args.kv_cache_gb, args.startup_timeout)
+            server = Server(name, serve_command(name, args.kv_cache_gb), args.startup_timeout)
             out["command"] = " ".join(shlex.quote(c) for c in ["kvrelay", *server.cmd[3:]])
             await asyncio.to_thread(server.start)
             out["startup_s"] = server.startup_s

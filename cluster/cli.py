@@ -150,6 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         if not stopping["flag"]:
             print(f"kvrelay is serving {url}/v1 (model {config.engine.model}, policy {r.policy}); Ctrl-C to stop", flush=True)
+            print(f"metrics: {url}/metrics (router); every process for Prometheus: {url}/metrics/targets "
+                  "(deploy/prometheus/prometheus.yml)", flush=True)
         while not stopping["flag"]:
             time.sleep(0.2)
         print("kvrelay: shutting down", file=sys.stderr, flush=True)

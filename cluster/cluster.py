@@ -65,7 +65,9 @@ class KVRelayCluster:
         def specs(role: str, n: int) -> list[WorkerSpec]:
             return [
                 WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s,
-                           layerwise=config.transfer.layerwise)
+                           layerwise=config.transfer.layerwise,
+                           metrics_host=config.metrics.host,
+                           metrics_port=config.metrics.worker_port if config.metrics.enabled else None)
                 for i in range(n)
             ]
 

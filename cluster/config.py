@@ -90,7 +90,6 @@ class RouterSection(_Strict):
     max_inflight: int = Field(256, ge=1)  # beyond this, 429 with Retry-After
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
-    stats_poll_s: float = Field(1.0, gt=0)
 
 
 class ClusterConfig(_Strict):

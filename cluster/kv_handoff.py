@@ -68,6 +68,7 @@ class TransferOutcome:
     bytes_sent: int  # KV payload bytes (headers and acks excluded)
     full_bytes: int  # what shipping every prompt page would have cost
     layer_sent_at: dict[int, float] = field(default_factory=dict)  # wall clock, per layer
+    seconds: float = 0.0  # first page sent -> the receiver's ack (or the failure)
 
 
 def _as_future(f: Future, remaining: float) -> asyncio.Future:
@@ -83,6 +84,7 @@ class KVSender:
         layout.check_peer(desc.layout, "decode worker")
         self.transport, self.desc, self.layout = transport, desc, layout
         self.deadline = time.monotonic() + desc.timeout_s
+        self.created_at = time.time()
         self.full_bytes = num_prompt_blocks * layout.num_layers * layout.bytes_per_block_per_layer
         self.bytes_sent = 0
         self.layer_sent_at: dict[int, float] = {}
@@ -117,7 +119,9 @@ class KVSender:
             return self._outcome(False, "timeout")
 
     def _outcome(self, ok: bool, reason: str | None) -> TransferOutcome:
-        return TransferOutcome(ok, reason, self.bytes_sent, self.full_bytes, dict(self.layer_sent_at))
+        # From the first page sent (the header alone when the decode side lacked nothing).
+        start = min(self.layer_sent_at.values(), default=self.created_at)
+        return TransferOutcome(ok, reason, self.bytes_sent, self.full_bytes, dict(self.layer_sent_at), time.time() - start)
 
 
 class KVReceiver:

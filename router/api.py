@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from router.protocol import (
     ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, ModelCard,
     ModelList, Usage, chat_completion_id, chat_logprobs, completion_id, completion_logprobs, now,
 )
+from router.metrics import status_of_http
 from router.service import ChoiceEvent, RequestResult, RouterService
 from workers.engine import CapacityError
 
@@ -68,18 +70,38 @@ def _request_id(request: Request) -> str:
     return rid or request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
 
 
+# Requests counted in kvrelay_requests_total{status}.
+_COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 @app.middleware("http")
-async def _request_id_and_auth(request: Request, call_next):
+async def _request_id_auth_and_count(request: Request, call_next):
+    request.state.arrival = time.monotonic()
     request_id = _request_id(request)
     request.state.request_id = request_id
     service: RouterService | None = _current.get("service")
+    counted = service is not None and request.method == "POST" and request.url.path in _COUNTED_PATHS
     key = None if service is None else (service.config.router.api_key or os.environ.get("KVRELAY_API_KEY"))
     if key and request.url.path.startswith("/v1/"):
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         if not given or not secrets.compare_digest(given, key):
+            if counted:
+                service.metrics.requests.labels("unauthorized").inc()
             return _error(errors.invalid_api_key(given), request_id)
-    return await call_next(request)
+    try:
+        response = await call_next(request)
+    except BaseException:
+        if counted:
+            service.metrics.requests.labels("error").inc()
+        raise
+    # A stream counts itself when it ends (its status is known only then).
+    if counted and not getattr(request.state, "streaming", False):
+        status = getattr(request.state, "status", None)
+        if status is None:
+            status = "ok" if response.status_code < 400 else status_of_http(response.status_code)
+        service.metrics.requests.labels(status).inc()
+    return response
 
 
 @app.exception_handler(errors.APIError)
@@ -123,7 +145,17 @@ async def health(request: Request) -> JSONResponse:
 
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """This router's metrics; each worker serves its own (see /metrics/targets)."""
     return Response(generate_latest(_service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@app.get("/metrics/targets")
+async def metrics_targets(request: Request) -> JSONResponse:
+    """Prometheus HTTP service discovery (``http_sd_configs``): every kvrelay process
+    to scrape. The router is listed at the address the caller used to reach it."""
+    host = request.url.hostname or "127.0.0.1"
+    port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    return JSONResponse(_service(request).metrics_targets(f"{host}:{port}"))
 
 
 @app.get("/v1/models")
@@ -202,10 +234,11 @@ def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0):
 
 
 async def _respond(s: RouterService, request: Request, req, prompt: list[int], params, chat: bool):
-    result = RequestResult(prompt_tokens=len(prompt))
+    result = RequestResult(prompt_tokens=len(prompt), arrival=getattr(request.state, "arrival", time.monotonic()))
     stream = s.run(prompt, params, req.stop_strings, result)
     s.inflight += 1
     if req.stream:
+        request.state.streaming = True
         return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream")
     try:
         texts: dict[int, list[str]] = {i: [] for i in range(len(params))}
@@ -216,9 +249,8 @@ async def _respond(s: RouterService, request: Request, req, prompt: list[int], p
             events[ev.index].append(ev)
             if ev.finish_reason:
                 reasons[ev.index] = ev.finish_reason
-        s.metrics.requests.labels("ok").inc()
     except BaseException as e:
-        s.metrics.requests.labels(_status(e)).inc()
+        request.state.status = _status(e)
         raise _as_api_error(e) from None
     finally:
         s.inflight -= 1
@@ -238,8 +270,20 @@ def _merged_logprobs(s: RouterService, events: list[ChoiceEvent], chat: bool):
 
 
 def _status(e: BaseException) -> str:
-    return {NoWorkerError: "unavailable", CapacityError: "unavailable", WorkerDiedError: "worker_died",
-            TimeoutError: "timeout"}.get(type(e), "cancelled" if isinstance(e, (GeneratorExit,)) or type(e).__name__ == "CancelledError" else "error")
+    """The ``status`` label of a request that failed while it ran."""
+    if isinstance(e, errors.APIError):
+        return status_of_http(e.status)
+    if isinstance(e, (NoWorkerError, CapacityError)):
+        return "unavailable"
+    if isinstance(e, WorkerDiedError):
+        return "worker_died"
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    if isinstance(e, ValueError):
+        return "bad_request"
+    if isinstance(e, GeneratorExit) or type(e).__name__ == "CancelledError":
+        return "cancelled"
+    return "error"
 
 
 def _as_api_error(e: BaseException) -> BaseException:

@@ -1,53 +1,96 @@
-"""Prometheus metrics of the request path (router side) and the engines' realized
-counters, exported from the router's /metrics.
+"""Prometheus metrics of the router process: the request path as the client sees it
+(status, TTFT, inter-token latency, end-to-end latency, tokens), what the router
+*predicted* when placing requests, the residency index, and the pools' health as the
+router's probes see it.
 
-The router polls every worker's counters (it polls their health anyway) and exports
-them with ``role`` and ``worker`` labels, so one scrape of the router sees the whole
-cluster: what the router *predicted* (decisions, predicted hit tokens) next to what the
-engines *realized* (prefix-cache hits, prefill tokens computed)."""
+What the engines *realized* (prefix-cache hits, prefill tokens computed, KV usage,
+transfers) is exported by each worker on its own endpoint (workers/metrics.py); the
+router lists every endpoint at ``/metrics/targets`` for Prometheus' HTTP service
+discovery."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# engine stats field -> (metric name without _total, help)
-WORKER_COUNTERS = {
-    "prefill_computed_tokens": ("kvrelay_prefill_computed_tokens", "Prompt tokens run through the model (not served from cache)"),
-    "prefix_cache_hit_tokens": ("kvrelay_prefix_cache_hit_tokens", "Prompt tokens served from the worker's prefix cache"),
-    "prefix_cache_query_tokens": ("kvrelay_prefix_cache_query_tokens", "Prompt tokens looked up in the worker's prefix cache"),
-    "preemptions": ("kvrelay_preemptions", "Requests preempted for lack of KV memory (recomputed later)"),
-    "kv_recomputes": ("kvrelay_kv_recomputes", "Handed-off requests whose KV never arrived, recomputed on the decode worker"),
-}
+# kvrelay_requests_total{status}: every value is exported from the start (at 0).
+STATUSES = ("ok", "bad_request", "unauthorized", "rate_limited", "unavailable", "timeout", "worker_died", "cancelled", "error")
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
-class WorkerStatsCollector(Collector):
-    """Exports the latest polled worker stats: ``source()`` -> list of stats dicts."""
+def status_of_http(code: int) -> str:
+    """The ``status`` label of a request answered with an HTTP error before it ran."""
+    if code == 401:
+        return "unauthorized"
+    if code == 429:
+        return "rate_limited"
+    if code == 503:
+        return "unavailable"
+    if 400 <= code < 500:
+        return "bad_request"
+    return "error"
 
-    def __init__(self, source: Callable[[], list[dict]]) -> None:
-        self.source = source
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as the router's pool probes see it."""
+
+    role: str
+    name: str
+    up: bool
+    restarts: int
+
+
+@dataclass(frozen=True)
+class IndexView:
+    pool: str
+    blocks: int
+    evictions: int
+
+
+class _StateCollector(Collector):
+    """Read at scrape time: pool health and the residency indexes."""
+
+    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]]) -> None:
+        self.workers, self.indexes = workers, indexes
 
     def collect(self) -> Iterable:
-        stats = [s for s in self.source() if "error" not in s]
-        for field, (name, doc) in WORKER_COUNTERS.items():
-            fam = CounterMetricFamily(name, doc, labels=["role", "worker"])
-            for s in stats:
-                fam.add_metric([s["role"], f"{s['role']}-{s['index']}"], float(s.get(field, 0)))
-            yield fam
+        workers, indexes = self.workers(), self.indexes()
+        up = GaugeMetricFamily("kvrelay_worker_up", "1 if the router's health probe of the worker succeeds, else 0", labels=["role", "worker"])
+        restarts = CounterMetricFamily("kvrelay_worker_restarts", "Worker restarts the router has seen", labels=["role", "worker"])
+        for w in workers:
+            up.add_metric([w.role, w.name], 1.0 if w.up else 0.0)
+            restarts.add_metric([w.role, w.name], float(w.restarts))
+        blocks = GaugeMetricFamily("kvrelay_router_index_blocks", "Blocks in the router's residency index", labels=["pool"])
+        evictions = CounterMetricFamily("kvrelay_router_index_evictions", "Entries the residency index dropped to stay under its cap", labels=["pool"])
+        for i in indexes:
+            blocks.add_metric([i.pool], float(i.blocks))
+            evictions.add_metric([i.pool], float(i.evictions))
+        yield from (up, restarts, blocks, evictions)
 
 
 class RouterMetrics:
-    def __init__(self, stats_source: Callable[[], list[dict]]) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("kvrelay_requests", "Requests by final status", ["status"], registry=r)
+        for s in STATUSES:
+            self.requests.labels(s)
+        self.ttft = Histogram("kvrelay_time_to_first_token_seconds", "Arrival at the router to the first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("kvrelay_inter_token_latency_seconds", "Time between two tokens of one choice",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("kvrelay_e2e_request_latency_seconds", "Arrival to the last token of a successful request",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvrelay_prompt_tokens", "Prompt tokens of requests that got their first token", registry=r)
+        self.generation_tokens = Counter("kvrelay_generation_tokens", "Tokens generated and streamed to clients", registry=r)
         self.decisions = Counter("kvrelay_router_decisions", "Placement decisions per chosen worker", ["policy", "worker"], registry=r)
         self.predicted_hit_tokens = Counter(
             "kvrelay_router_predicted_hit_tokens", "Prompt tokens the router expected the chosen worker to hold", registry=r
         )
-        self.index_blocks = Gauge("kvrelay_router_index_blocks", "Blocks in the router's residency index", ["pool"], registry=r)
-        self.index_evictions = Gauge("kvrelay_router_index_evictions", "Entries the residency index dropped to stay under its cap", ["pool"], registry=r)
-        self.requests = Counter("kvrelay_requests", "Requests by final status", ["status"], registry=r)
-        r.register(WorkerStatsCollector(stats_source))
+        r.register(_StateCollector(workers, indexes))

@@ -14,14 +14,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.block_hash import hash_blocks
 from cluster.cluster import KVRelayCluster, NoWorkerError
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
 from router.detokenizer import TextStream
-from router.metrics import RouterMetrics
+from router.metrics import IndexView, RouterMetrics, WorkerView
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
 from router.residency_index import ResidencyIndex
@@ -63,6 +63,8 @@ class RequestResult:
     cached_tokens: int = 0
     completion_tokens: int = 0
     placement: Placement | None = None
+    arrival: float = field(default_factory=time.monotonic)  # when the router got the request
+    first_token_seen: bool = False
 
 
 class RouterService:
@@ -78,8 +80,7 @@ class RouterService:
         self.policy = make_policy(config.router.policy)
         roles = ["colocated"] if config.pools.colocated else ["prefill", "decode"]
         self.indexes = {r: ResidencyIndex(max_blocks=config.router.index_max_blocks) for r in roles}
-        self.worker_stats: dict[str, dict] = {}
-        self.metrics = RouterMetrics(lambda: list(self.worker_stats.values()))
+        self.metrics = RouterMetrics(self._worker_views, self._index_views)
         self.cluster: KVRelayCluster | None = None
         self.ready = False
         self.inflight = 0
@@ -92,7 +93,10 @@ class RouterService:
     async def start(self) -> None:
         self.cluster = await start_cluster(self.config)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._event_loop()), loop.create_task(self._stats_loop())]
+        self._tasks = [loop.create_task(self._event_loop())]
+        for states in self.cluster.worker_states().values():  # every series exists from the start
+            for w in states:
+                self.metrics.decisions.labels(self.policy_name, w.handle.name)
         await self.self_check()
         self.ready = True
         log.info("router ready: model %s, policy %s, pools %s", self.model_id, self.policy_name, list(self.indexes))
@@ -125,23 +129,33 @@ class RouterService:
                         index.resync(name, await w.handle.call("kv_snapshot", timeout_s=5.0))
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
-            self.metrics.index_blocks.labels(role).set(index.num_blocks)
-            self.metrics.index_evictions.labels(role).set(index.evictions)
 
     async def _event_loop(self) -> None:
         while True:
             await self.pump_events()
             await asyncio.sleep(self.config.router.event_poll_s)
 
-    async def _stats_loop(self) -> None:
-        while True:
-            for states in self.cluster.worker_states().values():
-                for w in states:
-                    try:
-                        self.worker_stats[w.handle.name] = await w.handle.call("stats", timeout_s=2.0)
-                    except Exception:  # keep the last known counters of a worker that is down
-                        pass
-            await asyncio.sleep(self.config.router.stats_poll_s)
+    # ---- what Prometheus sees ----------------------------------------------------------
+
+    def _worker_views(self) -> list[WorkerView]:
+        if self.cluster is None:
+            return []
+        return [WorkerView(role, w.handle.name, w.up, w.restarts)
+                for role, states in self.cluster.worker_states().items() for w in states]
+
+    def _index_views(self) -> list[IndexView]:
+        return [IndexView(role, i.num_blocks, i.evictions) for role, i in self.indexes.items()]
+
+    def metrics_targets(self, router_address: str) -> list[dict]:
+        """Prometheus HTTP service discovery: this router and every worker's endpoint
+        (the worker's last reported address; a restarted worker reports its new one)."""
+        groups = [{"targets": [router_address], "labels": {"__metrics_path__": "/metrics"}}]
+        if self.cluster is not None:
+            addresses = sorted({w.health.metrics_address for states in self.cluster.worker_states().values()
+                                for w in states if w.health is not None and w.health.metrics_address})
+            if addresses:
+                groups.append({"targets": addresses, "labels": {"__metrics_path__": "/metrics"}})
+        return groups
 
     async def self_check(self) -> None:
         """Send a probe and confirm the worker's `stored` events carry the router's own
@@ -231,8 +245,11 @@ class RouterService:
                 await prefilled.wait()
             stream = TextStream(self.tokenizer.hf, prompt, stop_strings)
             first_seen = False
+            last_at = 0.0
             try:
                 async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode)):
+                    self._observe_tokens(result, len(out.new_token_ids), last_at if first_seen else None)
+                    last_at = time.monotonic()
                     if not first_seen:
                         first_seen = True
                         self._unplace(placement.prefill)
@@ -266,12 +283,30 @@ class RouterService:
                     raise item
                 if item.finish_reason is not None:
                     done += 1
+                    if done == len(tasks):
+                        self.metrics.e2e.observe(time.monotonic() - result.arrival)
                 yield item
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._placed[placement.decode] -= len(params)
+
+    def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:
+        """Tokens of one choice arrived: TTFT at the request's first, otherwise the gap
+        since this choice's last tokens, spread over the tokens that gap produced."""
+        if n <= 0:
+            return
+        now = time.monotonic()
+        m = self.metrics
+        m.generation_tokens.inc(n)
+        if previous_at is not None:
+            for _ in range(n):
+                m.itl.observe((now - previous_at) / n)
+        elif not result.first_token_seen:
+            result.first_token_seen = True
+            m.ttft.observe(now - result.arrival)
+            m.prompt_tokens.inc(result.prompt_tokens)
 
     def _unplace(self, worker: str | None) -> None:
         if worker is not None:

@@ -115,7 +115,9 @@ class PrefillWorker(WorkerBase):
 
     async def _settle(self, sender: KVSender) -> None:
         outcome = await sender.finish()
-        if not outcome.ok:
+        if outcome.ok:
+            self.metrics.transfer_seconds.observe(outcome.seconds)
+        else:
             self.transfer_failures[outcome.reason or "unknown"] += 1
 
     async def prefill_log(self, request_id: str) -> PrefillResult | None:

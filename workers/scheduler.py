@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.block_manager import BlockManager
@@ -50,6 +51,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Called with a request's queue time (seconds waiting before it first ran).
+        self.on_first_scheduled: Callable[[float], None] | None = None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -100,6 +103,8 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 req.first_scheduled_time = time.monotonic()
+                if self.on_first_scheduled is not None:
+                    self.on_first_scheduled(req.first_scheduled_time - req.arrival_time)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))

@@ -21,6 +21,7 @@ from cluster.kv_layout import KVLayout
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
 from workers.engine import Engine, RequestOutput
+from workers.metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class WorkerSpec:
     transfer_timeout_s: float = 30.0
     prefill_timeout_s: float = 120.0
     layerwise: bool = True  # ship each layer as soon as it is computed
+    # Prometheus endpoint of this worker: None = none; 0 = a free port.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None
     # Test-only fault injection on this worker's sends: {"mode": "fail"|"drop"|"delay", "delay_s": s}
     transport_faults: dict | None = None
 
@@ -53,6 +57,7 @@ class WorkerHealth:
     free_blocks: int
     total_blocks: int
     max_model_len: int
+    metrics_address: str | None = None  # "ip:port" of this worker's /metrics
 
 
 class WorkerBase:
@@ -90,7 +95,23 @@ class WorkerBase:
         self.transfer_failures: Counter[str] = Counter()
         self.transfer_bytes = 0
         self.transfer_full_bytes = 0
-        self.transfer_seconds: list[float] = []
+        self.metrics = WorkerMetrics(self)
+        self.engine.scheduler.on_first_scheduled = self.metrics.queue_time.observe
+        self.metrics_address = self._serve_metrics()
+
+    def _serve_metrics(self) -> str | None:
+        spec = self.spec
+        if spec.metrics_port is None:
+            return None
+        try:
+            port = self.metrics.serve(spec.metrics_host, spec.metrics_port)
+        except OSError as e:  # the fixed port is taken (two workers on one host): any free one
+            log.warning("metrics port %d unavailable (%s); using a free port", spec.metrics_port, e)
+            port = self.metrics.serve(spec.metrics_host, 0)
+        host = spec.metrics_host
+        if host in ("0.0.0.0", "::", ""):
+            host = _node_ip()
+        return f"{host}:{port}"
 
     # ---- probes -----------------------------------------------------------------------
 
@@ -100,7 +121,7 @@ class WorkerBase:
         return WorkerHealth(
             self.spec.role, self.spec.index, os.getpid(), self.started_at, self.aengine.is_alive,
             len(sched.running), len(sched.waiting), bm.usage, bm.num_free_blocks, bm.num_blocks,
-            self.engine.max_model_len,
+            self.engine.max_model_len, self.metrics_address,
         )
 
     async def get_layout(self) -> KVLayout:
@@ -147,6 +168,7 @@ class WorkerBase:
         self.aengine.shutdown()
         if self.transport is not None:
             self.transport.close()
+        self.metrics.close()
         return idle
 
     async def cached_prefix_blocks(self, block_hashes: list[int]) -> int:
@@ -154,3 +176,15 @@ class WorkerBase:
         for the router's residency index)."""
         return await self.aengine.run_on_engine(lambda: self.engine.block_manager.match_prefix(block_hashes).num_blocks)
 
+
+
+def _node_ip() -> str:
+    """This node's address as the rest of the Ray cluster sees it (127.0.0.1 outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - fall back to loopback
+        pass
+    return "127.0.0.1"

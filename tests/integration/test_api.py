@@ -235,15 +235,26 @@ def test_client_disconnect_frees_blocks_on_both_workers(server):
 
 def test_metrics_and_request_ids(server, client):
     client.completions.create(model=MODEL, prompt="Metrics, please:", max_tokens=4, temperature=0)
-    time.sleep(1.5)  # worker counters are polled about once a second
-    r = httpx.get(f"{server}/metrics", timeout=10)
-    text = r.text
-    for name in ("kvrelay_prefill_computed_tokens_total", "kvrelay_prefix_cache_hit_tokens_total",
-                 "kvrelay_router_decisions_total"):
-        assert name in text, name
-    assert 'role="prefill",worker="prefill-0"' in text
-    assert 'policy="kv_aware",worker="prefill-0"' in text
-    computed = [line for line in text.splitlines() if line.startswith('kvrelay_prefill_computed_tokens_total{role="prefill"')]
+    router = httpx.get(f"{server}/metrics", timeout=10).text  # no API key needed
+    for name in ("kvrelay_router_decisions_total", "kvrelay_time_to_first_token_seconds_bucket",
+                 "kvrelay_worker_up", 'kvrelay_requests_total{status="ok"}'):
+        assert name in router, name
+    assert 'policy="kv_aware",worker="prefill-0"' in router
+    # Every worker serves its own endpoint; the router lists them all for Prometheus.
+    groups = httpx.get(f"{server}/metrics/targets", timeout=10).json()
+    targets = [t for g in groups for t in g["targets"]]
+    assert len(targets) == 3, groups  # the router, prefill-0, decode-0
+    workers = {}
+    for t in targets:
+        text = httpx.get(f"http://{t}/metrics", timeout=10).text
+        for role in ("prefill", "decode"):
+            if f'role="{role}",worker="{role}-0"' in text:
+                workers[role] = text
+    assert set(workers) == {"prefill", "decode"}
+    computed = [line for line in workers["prefill"].splitlines()
+                if line.startswith('kvrelay_prefill_computed_tokens_total{role="prefill"')]
     assert float(computed[0].rsplit(" ", 1)[1]) > 0
+    assert "kvrelay_kv_transfer_seconds_count" in workers["prefill"]
+    assert "kvrelay_kv_cache_usage_ratio" in workers["decode"]
     r = httpx.get(f"{server}/v1/models", headers={"authorization": f"Bearer {KEY}", "x-request-id": "my-id-1"})
     assert r.headers["x-request-id"] == "my-id-1"

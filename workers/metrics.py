@@ -1,0 +1,108 @@
+"""A worker's own Prometheus endpoint: what its engine realized (prefix-cache hits,
+prefill tokens computed, KV usage, batch sizes, preemptions) and its side of the KV
+transfers, every series labelled ``role`` and ``worker``.
+
+Each worker process serves this registry on its own port (``metrics.worker_port``; 0
+picks a free one). The router lists every worker's address at ``/metrics/targets`` so
+one Prometheus scrape config reaches them all, on every node. Counters are read from
+the engine at scrape time (no second copy to keep in sync); the two latencies are
+histograms observed as they happen."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from workers.worker import WorkerBase
+
+log = logging.getLogger(__name__)
+
+# TransferError reasons (cluster/transport/base.py), exported at 0 before any failure.
+TRANSFER_FAILURE_REASONS = ("timeout", "peer", "closed", "size", "injected")
+QUEUE_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# EngineStats field -> (counter name without _total, help)
+ENGINE_COUNTERS = {
+    "prefix_cache_query_tokens": ("kvrelay_prefix_cache_query_tokens", "Prompt tokens looked up in this worker's prefix cache"),
+    "prefix_cache_hit_tokens": ("kvrelay_prefix_cache_hit_tokens", "Prompt tokens served from this worker's prefix cache"),
+    "prefill_computed_tokens": ("kvrelay_prefill_computed_tokens", "Prompt tokens run through the model (not served from cache)"),
+    "preemptions": ("kvrelay_preemptions", "Requests preempted for lack of KV memory (recomputed later)"),
+    "kv_recomputes": ("kvrelay_kv_recomputes", "Handed-off requests whose KV never arrived, recomputed on this worker"),
+}
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, worker: "WorkerBase", labels: list[str]) -> None:
+        self.worker = worker
+        self.labels = labels
+
+    def collect(self) -> Iterable:
+        w, values = self.worker, self.labels
+        stats = w.engine.stats
+        for field, (name, doc) in ENGINE_COUNTERS.items():
+            fam = CounterMetricFamily(name, doc, labels=["role", "worker"])
+            fam.add_metric(values, float(getattr(stats, field)))
+            yield fam
+        sched, bm = w.engine.scheduler, w.engine.block_manager
+        for name, doc, value in (
+            ("kvrelay_kv_cache_usage_ratio", "Fraction of this worker's KV blocks in use (0..1)", bm.usage),
+            ("kvrelay_running_requests", "Requests in this worker's running batch", len(sched.running)),
+            ("kvrelay_waiting_requests", "Requests waiting in this worker's queue", len(sched.waiting)),
+        ):
+            fam = GaugeMetricFamily(name, doc, labels=["role", "worker"])
+            fam.add_metric(values, float(value))
+            yield fam
+        # Bytes are counted by the sender (prefill workers); a decode worker sends none.
+        sent = float(w.transfer_bytes) if w.spec.role == "prefill" else 0.0
+        full = float(w.transfer_full_bytes) if w.spec.role == "prefill" else 0.0
+        for name, doc, value in (
+            ("kvrelay_kv_transfer_bytes", "KV payload bytes this worker put on the wire", sent),
+            ("kvrelay_kv_transfer_full_bytes", "What shipping the whole prompt's KV uncompressed would have cost", full),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["role", "worker"])
+            fam.add_metric(values, value)
+            yield fam
+        fam = CounterMetricFamily("kvrelay_kv_transfer_failures", "KV transfers this worker saw fail, by reason",
+                                  labels=["role", "worker", "reason"])
+        failures = dict(w.transfer_failures)
+        for reason in sorted(set(TRANSFER_FAILURE_REASONS) | set(failures)):
+            fam.add_metric([*values, reason], float(failures.get(reason, 0)))
+        yield fam
+
+
+class WorkerMetrics:
+    def __init__(self, worker: "WorkerBase") -> None:
+        role, name = worker.spec.role, f"{worker.spec.role}-{worker.spec.index}"
+        self.registry = CollectorRegistry()
+        self.queue_time = Histogram(
+            "kvrelay_request_queue_time_seconds", "Time a request waited in this worker's queue before it was first scheduled",
+            ["role", "worker"], buckets=QUEUE_TIME_BUCKETS, registry=self.registry,
+        ).labels(role, name)
+        self.transfer_seconds = Histogram(
+            "kvrelay_kv_transfer_seconds", "KV transfer time, first page sent to the decode worker's ack (successful transfers)",
+            ["role", "worker"], buckets=TRANSFER_BUCKETS, registry=self.registry,
+        ).labels(role, name)
+        self.registry.register(_WorkerCollector(worker, [role, name]))
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the port (a free one when ``port`` is 0)."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
