@@ -102,7 +102,7 @@ def rendered(set_name: str) -> list[dict]:
 
 def lint(values: dict) -> dict:
     if helm_python is not None:
-        return helm_python.lint(str(CHART), values, strict=True)
+        return helm_python.lint(str(CHART), values, strict=True, kube_version=f"v{K8S_VERSION}")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(values, f)
         f.flush()
@@ -169,6 +169,11 @@ def test_lint_strict_is_clean(set_name):
     report = lint(VALUE_SETS[set_name])
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_lint_reports_bad_values():
+    report = lint({"prefill": {"replicas": -1}})
+    assert report["errors"] and "/prefill/replicas" in " ".join(report["errors"])
 
 
 def test_value_sets_cover_the_deployment_shapes():
@@ -319,12 +324,23 @@ def test_schema_refuses_bad_values(changes, words):
     ({"apiKey.existingSecret": "s", "apiKey.value": "v"}, ["apiKey.existingSecret or apiKey.value"]),
     ({"metrics.enabled": False, "metrics.podMonitor.enabled": True}, ["metrics.enabled"]),
     ({"fullnameOverride": "9lives"}, ["DNS-1035"]),
+    ({"config.pools.cpus_per_worker": 3}, ["prefill pods offer Ray 2 CPU(s)", "cpus_per_worker (3)"]),
+    ({"decode.resources": {"requests": {"cpu": "1500m"}, "limits": None}, "config.pools.cpus_per_worker": 2.5,
+      "prefill.rayStartParams": {"num-cpus": "3"}}, ["decode pods offer Ray 2 CPU(s)"]),
 ])
 def test_template_refuses_what_a_schema_cannot_say(changes, words):
     with pytest.raises(RenderError) as e:
         render_objects(with_values({}, **changes))
     for w in words:
         assert w in str(e.value), f"{w!r} not in {str(e.value)!r}"
+
+
+def test_worker_cpus_follow_what_kuberay_advertises():
+    # KubeRay's num-cpus: rayStartParams, else the CPU limit, else the request, rounded up.
+    values = with_values({}, **{"config.pools.cpus_per_worker": 2, "prefill.rayStartParams": {"num-cpus": "2"},
+                                "prefill.resources": {"limits": None, "requests": {"cpu": "100m"}},
+                                "decode.resources": {"limits": None, "requests": {"cpu": "1200m"}}})
+    assert only(render_objects(values), "RayService")
 
 
 def test_colocated_ignores_the_prefill_group_bounds():
@@ -402,6 +418,18 @@ def test_values_reach_the_cluster_config(set_name):
     for name, group in g.items():
         limits = container(group).get("resources", {}).get("limits", {})
         assert limits.get("nvidia.com/gpu", 0) == gpus, name
+
+
+def test_the_readme_example_installs():
+    from cluster.config import ClusterConfig
+
+    text = (CHART / "README.md").read_text()
+    (block,) = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    objs = render_objects(yaml.safe_load(block))
+    rs = only(objs, "RayService")
+    assert list(rayservice_validator().iter_errors(rs)) == []
+    config = ClusterConfig.build(app_args(rs))
+    assert (config.pools.prefill_workers, config.pools.decode_workers, config.pools.gpus_per_worker) == (2, 4, 1)
 
 
 def test_gpu_prod_values_reach_the_config():

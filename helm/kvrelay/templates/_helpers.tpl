@@ -87,6 +87,23 @@ KubeRay passes through to `ray start --resources`. */}}
 {{- end }}
 
 {{/*
+The CPUs KubeRay advertises to Ray for a container (its `ray start --num-cpus`): the CPU
+limit, else the request, rounded up to a whole CPU. Empty when neither is set.
+*/}}
+{{- define "kvrelay.rayCpus" -}}
+{{- $r := default (dict) . }}
+{{- $cpu := (default (dict) $r.limits).cpu | default (default (dict) $r.requests).cpu }}
+{{- if $cpu }}
+{{- $q := toString $cpu }}
+{{- if hasSuffix "m" $q }}
+{{- ceil (divf (float64 (trimSuffix "m" $q)) 1000) }}
+{{- else }}
+{{- ceil (float64 $q) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 What values.schema.json cannot express. Every message names the value to change.
 */}}
 {{- define "kvrelay.validate" -}}
@@ -105,6 +122,11 @@ What values.schema.json cannot express. Every message names the value to change.
 {{- end }}
 {{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
 {{- fail (printf "%s.replicas (%d) must lie within %s.minReplicas (%d) and %s.maxReplicas (%d): kvrelay starts exactly %s.replicas worker actors (pools.%s_workers)" $role (int $g.replicas) $role (int $g.minReplicas) $role (int $g.maxReplicas) $role $role) }}
+{{- end }}
+{{- $rayCpus := index (default (dict) $g.rayStartParams) "num-cpus" | default (include "kvrelay.rayCpus" $g.resources) }}
+{{- $perWorker := float64 (default 1 ($v.config.pools).cpus_per_worker) }}
+{{- if and $rayCpus (lt (float64 $rayCpus) $perWorker) }}
+{{- fail (printf "%s pods offer Ray %s CPU(s) (%s.rayStartParams num-cpus, else its resources), less than config.pools.cpus_per_worker (%v): the %s worker could never be placed" $role $rayCpus $role $perWorker $role) }}
 {{- end }}
 {{- range $kind := list "limits" "requests" }}
 {{- if hasKey (default (dict) (index (default (dict) $g.resources) $kind)) "nvidia.com/gpu" }}
