@@ -77,6 +77,10 @@ REALIZED_HIT = (
     f"sum({rate('kvrelay_prefix_cache_hit_tokens_total', PREFILL_ROLES)})"
     f" / sum({rate('kvrelay_prefix_cache_query_tokens_total', PREFILL_ROLES)})"
 )
+HIT_RATE_PER_WORKER = (
+    f"sum by (worker) ({rate('kvrelay_prefix_cache_hit_tokens_total')})"
+    f" / sum by (worker) ({rate('kvrelay_prefix_cache_query_tokens_total')})"
+)
 WIRE_BYTES = f"sum({rate('kvrelay_kv_transfer_bytes_total')})"
 FULL_BYTES = f"sum({rate('kvrelay_kv_transfer_full_bytes_total')})"
 # At least one byte per second in the denominator: an idle link reads 0, not NaN.
@@ -294,8 +298,7 @@ def kv_routing() -> dict:
               w=12, unit="percentunit", min=0, max=1),
         panel("timeseries", "Realized hit rate per worker", "Prefix-cache hit tokens over looked-up tokens, per "
               "worker. On decode workers a hit is a page that did not have to be transferred.",
-              [(f"sum by (worker) ({rate('kvrelay_prefix_cache_hit_tokens_total')})"
-                f" / sum by (worker) ({rate('kvrelay_prefix_cache_query_tokens_total')})", "{{worker}}")],
+              [(HIT_RATE_PER_WORKER, "{{worker}}")],
               w=12, unit="percentunit", min=0, max=1),
         panel("timeseries", "Prefill tokens/s: computed vs saved", "Prompt tokens per second run through the model "
               "(per pool; on decode workers: recomputed prompts) and prompt tokens the prefill workers served "

@@ -98,7 +98,7 @@ def series_names() -> dict[str, tuple[str, Metric]]:
 
 
 def labels_of(series: str) -> set[str]:
-    name, m = series_names()[series]
+    _, m = series_names()[series]
     labels = set(m.labels) | ({"role", "worker"} if m.exported_by != (ROUTER,) else set())
     return labels | ({"le"} if series.endswith("_bucket") else set())
 
@@ -331,7 +331,7 @@ def test_slo_variables_are_bucket_bounds():
         assert v["query"].split(",") == values
         assert v["current"]["value"] == v["current"]["text"] == default
         assert [o["value"] for o in v["options"] if o["selected"]] == [default]
-    assert {"0.25", "0.5", "0.75", "1.0", "2.5", "5.0"} <= set(o["value"] for o in variables(overview)["ttft_slo"]["options"])
+    assert {"0.25", "0.5", "0.75", "1.0", "2.5", "5.0"} <= {o["value"] for o in variables(overview)["ttft_slo"]["options"]}
 
 
 # -- the generator -----------------------------------------------------------------------
@@ -374,7 +374,7 @@ PROMTOOL = shutil.which("promtool")
 STEPS, EVAL_TIME = 20, "5m"  # 15 s samples over 5 minutes
 
 
-def label_sets(name: str, m: Metric, workers: list[tuple[str, str]], pools: list[str]) -> list[dict]:
+def label_sets(m: Metric, workers: list[tuple[str, str]], pools: list[str]) -> list[dict]:
     """Every label combination the contract pre-initialises."""
     choices = {"status": STATUSES, "reason": REASONS, "pool": pools, "policy": ["kv_aware"],
                "worker": [w for _, w in workers]}
@@ -403,7 +403,7 @@ def healthy_cluster(mode: str) -> list[dict]:
         else:
             processes = [{"job": "kvrelay", "instance": f"127.0.0.1:{41000 + i}", "role": role, "worker": w}
                          for i, (role, w) in enumerate(workers) if role in m.exported_by]
-        for process, labels in itertools.product(processes, label_sets(name, m, workers, list(roles))):
+        for process, labels in itertools.product(processes, label_sets(m, workers, list(roles))):
             labels = {**process, **labels}
             if m.kind == "histogram":
                 # 2 observations per 15 s, all in the middle bucket.

@@ -90,7 +90,7 @@ def test_comparison_parser():
 def test_alert_is_one_comparison_with_a_number(rule):
     comparisons = top_level_comparisons(rule["expr"])
     assert len(comparisons) == 1, f"{rule['alert']}: top-level comparisons {comparisons} in {rule['expr']!r}"
-    quantity, op, _threshold = split_alert(rule["expr"])  # raises if the threshold is not a number
+    quantity, _op, _threshold = split_alert(rule["expr"])  # raises if the threshold is not a number
     assert quantity and not re.search(r"\bbool\b", rule["expr"])
 
 
