@@ -486,6 +486,18 @@ def test_head_hosts_no_worker_and_groups_are_pinned(set_name):
     assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is auto
 
 
+@pytest.mark.parametrize("set_name", list(VALUE_SETS))
+def test_pod_labels_leave_kuberays_own_alone(set_name):
+    """KubeRay labels Ray pods app.kubernetes.io/name=kuberay and ray.io/*; a template
+    label would override the former, and the latter are KubeRay's."""
+    rs = only(rendered(set_name), "RayService")
+    for name, pod in _pods(rs).items():
+        labels = pod["template"]["metadata"]["labels"]
+        assert "app.kubernetes.io/name" not in labels, name
+        assert not [k for k in labels if k.startswith("ray.io/")], name
+        assert labels["app.kubernetes.io/instance"] == NAME
+
+
 def test_chart_keys_win_over_extra_ray_start_params():
     values = with_values({}, **{"head.rayStartParams": {"num-cpus": "8", "object-store-memory": "100000000"},
                                 "decode.rayStartParams": {"resources": '"{\\"other\\": 1}"'}})

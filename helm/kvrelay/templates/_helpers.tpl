@@ -28,6 +28,15 @@ app.kubernetes.io/name: {{ include "kvrelay.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+Labels that select this release's Ray pods. Not app.kubernetes.io/name: KubeRay sets
+that to "kuberay" on every Ray pod, and a template label would override it.
+*/}}
+{{- define "kvrelay.podSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: kvrelay
+{{- end }}
+
 {{- define "kvrelay.labels" -}}
 helm.sh/chart: {{ include "kvrelay.chart" . }}
 {{ include "kvrelay.selectorLabels" . }}
@@ -293,9 +302,8 @@ volumes:
 {{/* Pod template metadata of one group: (dict "root" $ "group" ... "component" ...). */}}
 {{- define "kvrelay.podMetadata" -}}
 labels:
-  {{- include "kvrelay.selectorLabels" .root | nindent 2 }}
+  {{- include "kvrelay.podSelectorLabels" .root | nindent 2 }}
   app.kubernetes.io/component: {{ .component }}
-  app.kubernetes.io/part-of: kvrelay
   {{- with .group.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
