@@ -375,6 +375,7 @@ def test_serve_config_is_valid_for_ray_serve_and_kvrelay(set_name):
     assert app["route_prefix"] == "/"
     assert sc["http_options"] == {"host": "0.0.0.0", "port": 8000}
     config = ClusterConfig.build(app["args"])  # strict: any unknown key fails here
+    assert config.router.port == sc["http_options"]["port"]
     assert isinstance(build(app["args"]), serve.Application)
     assert config.router.api_key is None and "api_key" not in app["args"]["router"]
     # The router replica: no CPU, pinned to the head by the head's own custom resource.
@@ -453,7 +454,7 @@ def test_schema_config_keys_are_cluster_config_keys():
     schema = json.loads((CHART / "values.schema.json").read_text())
     sections = schema["properties"]["config"]["properties"]
     chart_owned = {
-        "router": {"served_model_name"},
+        "router": {"served_model_name", "port"},
         "engine": {"model"},
         "pools": {"prefill_workers", "decode_workers", "gpus_per_worker", "prefill_resources", "decode_resources"},
         "metrics": {"enabled", "host", "worker_port"},

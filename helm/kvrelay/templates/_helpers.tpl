@@ -184,6 +184,7 @@ operator's config.* sections plus what the deployment decides.
 {{- $c := deepCopy (default (dict) $v.config) }}
 {{- $colocated := include "kvrelay.colocated" . }}
 {{- $router := default (dict) $c.router }}
+{{- $_ := set $router "port" 8000 }}{{/* = http_options.port in kvrelay.serveConfig */}}
 {{- if $v.model.servedModelName }}
 {{- $_ := set $router "served_model_name" $v.model.servedModelName }}
 {{- end }}
