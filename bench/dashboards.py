@@ -39,11 +39,16 @@ PANELS: list[tuple[str, str]] = [
 ]
 
 
+# Grafana unit ids -> axis labels
+UNITS = {"percentunit": "fraction", "Bps": "bytes/s", "reqps": "requests/s", "short": "per second", "s": "seconds",
+         "suffix:x": "ratio (x)", "none": ""}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefill-workers", type=int, default=2)
     p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--rate", type=float, default=0.1, help="new conversations per second")
     p.add_argument("--duration", type=float, default=240.0, help="seconds of load at most")
@@ -111,15 +116,15 @@ def render_plot(panels: list[dict[str, Any]], meta: dict[str, Any], path: str) -
         ax.set_title(f"{p['title']}\n({p['uid']})", fontsize=9)
         ax.set_xlabel("seconds into the run", fontsize=8)
         if p["unit"]:
-            ax.set_ylabel(p["unit"], fontsize=8)
+            ax.set_ylabel(UNITS.get(p["unit"], p["unit"]), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if p["series"]:
             ax.legend(fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"kvrelay dashboards' key panels, from a live run ({meta['config']}; {meta['workload']}; {meta['cpu']})",
-                 fontsize=10)
+    fig.suptitle(f"kvrelay dashboards' key panels over a live run: {meta['config']}, multi-turn chat, "
+                 f"SmolLM2-135M on {meta['cpu']} (python -m bench.dashboards)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 HELM_DASHBOARDS = ROOT / "helm" / "kvrelay" / "dashboards"
 BUILDER = GRAFANA / "build_dashboards.py"
-# Grafana's dashboard schema, vendored (see deploy/grafana/schema/README.md).
-SCHEMA = GRAFANA / "schema" / "dashboard.schema.json"
+# Grafana's dashboard schema, vendored (see tests/deploy/schemas/README.md).
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "grafana" / "dashboard.schema.json"
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 ALLOWED_EXPR_VARIABLES = {"__rate_interval", "ttft_slo", "itl_slo"}

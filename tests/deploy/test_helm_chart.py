@@ -27,7 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kvrelay"
-CRD = Path("/work/shared/schemas/kuberay-v1.7.0/ray.io_rayservices.yaml")
+CRD = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0" / "ray.io_rayservices.yaml"  # vendored
 K8S_VERSION = "1.30.0"
 CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}  # not core Kubernetes kinds
 NAME, NAMESPACE = "demo", "llm"
