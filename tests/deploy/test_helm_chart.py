@@ -421,10 +421,11 @@ def test_values_reach_the_cluster_config(set_name):
         assert limits.get("nvidia.com/gpu", 0) == gpus, name
 
 
-def test_the_readme_example_installs():
+@pytest.mark.parametrize("readme", [CHART / "README.md", ROOT / "README.md"], ids=["chart", "project"])
+def test_the_readme_example_installs(readme):
     from cluster.config import ClusterConfig
 
-    text = (CHART / "README.md").read_text()
+    text = readme.read_text()
     (block,) = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
     objs = render_objects(yaml.safe_load(block))
     rs = only(objs, "RayService")
