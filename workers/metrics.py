@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # TransferError reasons (cluster/transport/base.py), exported at 0 before any failure.
 TRANSFER_FAILURE_REASONS = ("timeout", "peer", "closed", "size", "injected")
-QUEUE_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+QUEUE_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # EngineStats field -> (counter name without _total, help)

@@ -30,9 +30,9 @@ OUTPUT_DIRS = (ROOT / "deploy" / "grafana", ROOT / "helm" / "kvrelay" / "dashboa
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "[$__rate_interval]"
 
-# Histogram buckets of the metric contract, for the SLO pickers.
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
-ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
+# Histogram buckets, for the SLO pickers: from the code that exports them.
+sys.path.insert(0, str(ROOT))
+from router.metrics import ITL_BUCKETS, TTFT_BUCKETS  # noqa: E402
 
 
 def le(bound: float) -> str:

@@ -22,6 +22,11 @@ import pytest
 import yaml
 from prometheus_client.utils import floatToGoString
 
+# Label values and buckets come from the code that exports them (one source for the contract).
+from router.metrics import E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS
+from workers.metrics import QUEUE_TIME_BUCKETS, TRANSFER_BUCKETS
+from workers.metrics import TRANSFER_FAILURE_REASONS as REASONS
+
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 HELM_DASHBOARDS = ROOT / "helm" / "kvrelay" / "dashboards"
@@ -37,14 +42,7 @@ PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "state
 
 ROUTER = "router"
 ROLES = ("prefill", "decode", "colocated")
-STATUSES = ("ok", "bad_request", "unauthorized", "rate_limited", "unavailable", "timeout", "worker_died",
-            "cancelled", "error")
-REASONS = ("timeout", "peer", "closed", "size", "injected")
 POOLS = ("prefill", "decode", "colocated")
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
-ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
-TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ CONTRACT = {
     "kvrelay_worker_up": Metric("gauge", (ROUTER,), ("role", "worker")),
     "kvrelay_worker_restarts_total": Metric("counter", (ROUTER,), ("role", "worker")),
     # worker processes (every series labelled role, worker)
-    "kvrelay_request_queue_time_seconds": Metric("histogram", ALL_WORKERS, buckets=TTFT_BUCKETS),
+    "kvrelay_request_queue_time_seconds": Metric("histogram", ALL_WORKERS, buckets=QUEUE_TIME_BUCKETS),
     "kvrelay_prefix_cache_query_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefix_cache_hit_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefill_computed_tokens_total": Metric("counter", ALL_WORKERS),
