@@ -36,11 +36,12 @@ generate: setup
 test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-bench: setup
+bench: setup system-deps
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.transfer
 	$(BIN)/python -m bench.disagg
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.dashboards
 
 clean:
 	rm -rf $(VENV) .pytest_cache

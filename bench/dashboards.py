@@ -19,7 +19,7 @@ from typing import Any
 from bench import workloads as W
 from bench.common import cpu_name
 from bench.loadgen import SLO, run_load, summarize
-from bench.prometheus import GRAFANA_DIR, PrometheusServer, substitute
+from bench.prometheus import GRAFANA_DIR, PrometheusServer, substitute, template_values
 from bench.server import Server, log
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -41,7 +41,7 @@ PANELS: list[tuple[str, str]] = [
 
 # Grafana unit ids -> axis labels
 UNITS = {"percentunit": "fraction", "Bps": "bytes/s", "reqps": "requests/s", "short": "per second", "s": "seconds",
-         "suffix:x": "ratio (x)", "none": ""}
+         "suffix:x": "ratio (x)", "suffix:×": "ratio (x)", "ops": "per second", "none": ""}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,11 +63,7 @@ def panel_targets(uid: str, title: str) -> tuple[dict[str, Any], list[dict[str, 
         board = json.loads(path.read_text())
         if board.get("uid") != uid:
             continue
-        values = {}
-        for var in board.get("templating", {}).get("list", []):
-            current = var.get("current") or {}
-            value = current.get("value", var.get("query"))
-            values[var["name"]] = str(value[0] if isinstance(value, list) else value)
+        values = template_values(board)
         for panel in board.get("panels", []):
             if panel.get("title") == title:
                 return panel, [t for t in panel.get("targets", []) if t.get("expr")], values
@@ -97,6 +93,18 @@ def collect(prom: PrometheusServer, start: float, end: float, step_s: float, rat
         unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
         panels.append({"uid": uid, "title": title, "unit": unit, "series": series})
     return panels
+
+
+def cross_check(prom: PrometheusServer, at: float, window_s: int) -> dict[str, Any]:
+    """TTFT percentiles over the whole run from the server's histogram (what a board
+    with a whole-run window shows), to set next to the load generator's own numbers."""
+    out: dict[str, Any] = {"server": {}}
+    for q in (0.5, 0.9, 0.99):
+        expr = (f"histogram_quantile({q}, sum by (le) "
+                f"(increase(kvrelay_time_to_first_token_seconds_bucket[{window_s}s])))")
+        result = prom.query(expr, at)["data"]["result"]
+        out["server"][f"p{round(q * 100)}"] = float(result[0]["value"][1]) if result else None
+    return out
 
 
 def render_plot(panels: list[dict[str, Any]], meta: dict[str, Any], path: str) -> None:
@@ -141,6 +149,12 @@ def render_markdown(panels: list[dict[str, Any]], meta: dict[str, Any], summary:
         for s in p["series"]:
             last = next((y for _, y in reversed(s["points"]) if y == y), None)
             L.append(f"| {p['uid']} | {p['title']} | {s['legend']} | {'-' if last is None else f'{last:.4g}'} |")
+    c = meta["ttft_cross_check"]
+    L += ["", "TTFT over the whole run, the server's histogram (interpolated inside buckets) vs what the "
+          "load generator measured (exact, client side; includes the HTTP round trip):", "",
+          "| | p50 | p90 | p99 |", "|---|---|---|---|"]
+    for who, label in (("server", "kvrelay_time_to_first_token_seconds"), ("client", "load generator")):
+        L.append(f"| {label} | " + " | ".join("-" if c[who][k] is None else f"{c[who][k]:.3f} s" for k in ("p50", "p90", "p99")) + " |")
     return "\n".join(L) + "\n"
 
 
@@ -157,9 +171,12 @@ async def main_async(args: argparse.Namespace) -> int:
         time.sleep(4 * args.scrape_interval)
         end = time.time()
         panels = collect(prom, start, end, args.scrape_interval, args.rate_interval)
+        whole_run = cross_check(prom, end, int(end - start) + 1)
     summary = summarize(records, SLO())
+    whole_run["client"] = {q: summary["ttft_s"][q] for q in ("p50", "p90", "p99")}
     meta = {"config": f"{args.prefill_workers}P+{args.decode_workers}D, kv_aware", "workload": wl.description,
-            "cpu": cpu_name(), "scrape_interval_s": args.scrape_interval, "rate_interval": args.rate_interval}
+            "cpu": cpu_name(), "scrape_interval_s": args.scrape_interval, "rate_interval": args.rate_interval,
+            "ttft_cross_check": whole_run}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_plot(panels, meta, str(out.with_suffix(".png")))
