@@ -245,11 +245,12 @@ class RouterService:
                 await prefilled.wait()
             stream = TextStream(self.tokenizer.hf, prompt, stop_strings)
             first_seen = False
-            last_at = 0.0
+            last_at: float | None = None  # when this choice's last tokens arrived
             try:
                 async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode)):
-                    self._observe_tokens(result, len(out.new_token_ids), last_at if first_seen else None)
-                    last_at = time.monotonic()
+                    if out.new_token_ids:
+                        self._observe_tokens(result, len(out.new_token_ids), last_at)
+                        last_at = time.monotonic()
                     if not first_seen:
                         first_seen = True
                         self._unplace(placement.prefill)
@@ -295,8 +296,6 @@ class RouterService:
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:
         """Tokens of one choice arrived: TTFT at the request's first, otherwise the gap
         since this choice's last tokens, spread over the tokens that gap produced."""
-        if n <= 0:
-            return
         now = time.monotonic()
         m = self.metrics
         m.generation_tokens.inc(n)
