@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
 CONFIG, RULES, RULE_TESTS = PROM / "prometheus.yml", PROM / "alerts.yml", PROM / "alerts.test.yml"
 
-ALERTS = {"KVRelayWorkerDown", "KVRelayTTFTHigh", "KVRelayTransferFailures", "KVRelayKVCacheNearlyFull"}
+ALERTS = {"KVRelayWorkerDown", "KVRelayTargetDown", "KVRelayTTFTHigh", "KVRelayTransferFailures",
+          "KVRelayKVCacheNearlyFull"}
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -103,6 +104,13 @@ def test_alerts_are_the_documented_ones():
     by_name = {r["alert"]: r for r in rules}
     assert by_name["KVRelayWorkerDown"]["labels"]["severity"] == "critical"
     assert by_name["KVRelayWorkerDown"]["for"] == "1m"
+    # The router's own death: `up` of the scrape job (the chart's monitors set the same
+    # job label), not a kvrelay series that vanishes with the router.
+    target_down = by_name["KVRelayTargetDown"]
+    assert (target_down["labels"]["severity"], target_down["for"]) == ("critical", "1m")
+    assert split_alert(target_down["expr"]) == ('up{job="kvrelay"}', "==", 0.0)
+    job, = [j["job_name"] for j in yaml.safe_load(CONFIG.read_text())["scrape_configs"]]
+    assert f'job="{job}"' in target_down["expr"]
     assert split_alert(by_name["KVRelayTTFTHigh"]["expr"])[1:] == (">", 2.0)
     assert split_alert(by_name["KVRelayTransferFailures"]["expr"])[1:] == (">", 0.05)
     assert split_alert(by_name["KVRelayKVCacheNearlyFull"]["expr"])[1:] == (">", 0.95)
@@ -140,8 +148,11 @@ def test_promtool_unit_tests():
 @needs_promtool
 def test_alert_quantities_on_a_healthy_cluster(tmp_path):
     """`<quantity> <op> bool <threshold>` on the healthy cluster's series: present (an
-    empty result would mean the alert can never fire) and 0 everywhere (quiet)."""
+    empty result would mean the alert can never fire) and 0 everywhere (quiet). The
+    series include `up` for every scraped process, as Prometheus itself records it."""
     healthy = next(g for g in yaml.safe_load(RULE_TESTS.read_text())["tests"] if g.get("name") == "healthy cluster")
+    up = [s["series"] for s in healthy["input_series"] if s["series"].startswith("up{")]
+    assert up and all('job="kvrelay"' in s for s in up)
     checks = []
     for rule in alert_rules():
         quantity, op, threshold = split_alert(rule["expr"])
