@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kvrelay"
 CRD = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0" / "ray.io_rayservices.yaml"  # vendored
 K8S_VERSION = "1.30.0"
-CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}  # not core Kubernetes kinds
+CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule"}  # not core Kubernetes kinds
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"  # the chart ships a copy: rules/alerts.yml
+SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 NAME, NAMESPACE = "demo", "llm"
 
 # Ray Serve's own pydantic models warn about pydantic v1 idioms on import.
@@ -193,6 +196,8 @@ def test_renders_the_expected_objects(set_name):
         expected.append("ServiceMonitor")
     if metrics.get("podMonitor", {}).get("enabled"):
         expected.append("PodMonitor")
+    if metrics.get("prometheusRule", {}).get("enabled"):
+        expected.append("PrometheusRule")
     assert kinds == sorted(expected)
     for o in objs:
         labels = o["metadata"]["labels"]
@@ -300,6 +305,9 @@ def test_long_release_names_fit_kuberay():
     ({"config.transfer.transport": "nccl"}, ["/config/transfer/transport"]),
     ({"service.type": "Ingress"}, ["/service/type"]),
     ({"metrics.workerPort": 70000}, ["/metrics/workerPort"]),
+    ({"metrics.prometheusRule.interval": "1m"}, ["/metrics/prometheusRule", "interval", "not allowed"]),
+    ({"metrics.prometheusRule.labels": {"release": 1}}, ["/metrics/prometheusRule/labels/release"]),
+    ({"metrics.prometheusRule.enabled": "yes"}, ["/metrics/prometheusRule/enabled"]),
     ({"prefill.rayStartParams": {"num-gpus": 1}}, ["/prefill/rayStartParams/num-gpus"]),
 ])
 def test_schema_refuses_bad_values(changes, words):
@@ -323,6 +331,7 @@ def test_schema_refuses_bad_values(changes, words):
     ({"model.path": "weights/x.gguf"}, ["model.path", "absolute path inside the image"]),
     ({"apiKey.existingSecret": "s", "apiKey.value": "v"}, ["apiKey.existingSecret or apiKey.value"]),
     ({"metrics.enabled": False, "metrics.podMonitor.enabled": True}, ["metrics.enabled"]),
+    ({"metrics.enabled": False, "metrics.prometheusRule.enabled": True}, ["metrics.prometheusRule", "metrics.enabled"]),
     ({"fullnameOverride": "9lives"}, ["DNS-1035"]),
     ({"config.pools.cpus_per_worker": 3}, ["prefill pods offer Ray 2 CPU(s)", "cpus_per_worker (3)"]),
     ({"decode.resources": {"requests": {"cpu": "1500m"}, "limits": None}, "config.pools.cpus_per_worker": 2.5,
@@ -658,12 +667,103 @@ def test_monitors_scrape_router_and_workers(set_name):
 @pytest.mark.parametrize("set_name", list(VALUE_SETS))
 def test_monitors_validate_as_prometheus_operator_objects(set_name):
     """No CRD schema for these here: check the fields the operator requires."""
+    endpoint_keys = {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+    relabel_keys = {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"}
     for o in rendered(set_name):
         if o["kind"] == "ServiceMonitor":
             assert set(o["spec"]) <= {"selector", "namespaceSelector", "endpoints", "jobLabel"}
-            assert all(set(e) <= {"port", "path", "interval", "scrapeTimeout"} for e in o["spec"]["endpoints"])
+            assert all(set(e) <= endpoint_keys for e in o["spec"]["endpoints"])
         if o["kind"] == "PodMonitor":
             assert set(o["spec"]) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel"}
+            assert all(set(e) <= endpoint_keys for e in o["spec"]["podMetricsEndpoints"])
+        if o["kind"] in ("ServiceMonitor", "PodMonitor"):
+            for e in o["spec"].get("endpoints", []) + o["spec"].get("podMetricsEndpoints", []):
+                assert all(set(r) <= relabel_keys and r.get("targetLabel") for r in e.get("relabelings", []))
+        if o["kind"] == "PrometheusRule":
+            assert set(o["spec"]) == {"groups"}
+            for group in o["spec"]["groups"]:
+                assert set(group) <= {"name", "interval", "rules", "partial_response_strategy", "limit"}
+                for rule in group["rules"]:
+                    assert set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+                    assert isinstance(rule["expr"], str)
+                    assert all(isinstance(v, str) for v in {**rule.get("labels", {}), **rule.get("annotations", {})}.values())
+
+
+# ---- Alert rules: a PrometheusRule from the one rules file -------------------------------
+
+
+def _alert_groups() -> list[dict]:
+    return yaml.safe_load(ALERT_RULES.read_text())["groups"]
+
+
+def _scrape_job() -> str:
+    (job,) = [j["job_name"] for j in yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]]
+    return job
+
+
+def test_chart_rules_are_a_copy_of_deploy_prometheus():
+    """One source for the alert rules: the chart's rules/alerts.yml is byte-identical to
+    deploy/prometheus/alerts.yml (promtool-tested there). After editing it: cp
+    deploy/prometheus/alerts.yml helm/kvrelay/rules/alerts.yml"""
+    assert (CHART / "rules" / "alerts.yml").read_bytes() == ALERT_RULES.read_bytes()
+
+
+def test_prometheus_rule_carries_the_alert_rules():
+    objs = rendered("gpu-prod")
+    rule = only(objs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["name"] == f"{NAME}-kvrelay-alerts"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/component"] == "alerts"
+    assert "namespace" not in rule["metadata"]  # the release namespace
+    # The rules as written, Go-template annotations ({{ $labels.worker }}) left for Prometheus.
+    assert rule["spec"]["groups"] == _alert_groups()
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert set(alerts) == {"KVRelayWorkerDown", "KVRelayTargetDown", "KVRelayTTFTHigh",
+                           "KVRelayTransferFailures", "KVRelayKVCacheNearlyFull"}
+    assert "{{ $labels.worker }}" in alerts["KVRelayWorkerDown"]["annotations"]["summary"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not found")
+def test_prometheus_rule_passes_promtool(tmp_path):
+    rule = only(rendered("gpu-prod"), "PrometheusRule")
+    path = tmp_path / "rendered.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    proc = subprocess.run([shutil.which("promtool"), "check", "rules", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "5 rules found" in proc.stdout
+
+
+def test_target_down_selects_the_job_the_monitors_set():
+    """Under the operator the job label would be the Service's name (ServiceMonitor) or
+    <namespace>/<name> (PodMonitor); both monitors relabel it to the plain config's job,
+    the one KVRelayTargetDown selects, so the same rule works in both setups."""
+    objs = rendered("gpu-prod")
+    rule = only(objs, "PrometheusRule")
+    (expr,) = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "KVRelayTargetDown"]
+    assert re.fullmatch(r'up\{job="([^"]+)"\} == 0', expr).group(1) == _scrape_job()
+    endpoints = only(objs, "ServiceMonitor")["spec"]["endpoints"] + only(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    for ep in endpoints:
+        # The operator appends these after its own job relabeling, so the last one wins.
+        jobs = [r for r in ep["relabelings"] if r["targetLabel"] == "job"]
+        assert jobs == [{"targetLabel": "job", "replacement": _scrape_job()}]
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"metrics": {"prometheusRule": {"enabled": False, "labels": {"release": "prometheus"}}}},
+    {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+], ids=["default", "disabled", "monitors-only"])
+def test_no_prometheus_rule_unless_enabled(values):
+    assert not [o for o in render_objects(values) if o["kind"] == "PrometheusRule"]
+
+
+def test_prometheus_rule_in_another_namespace():
+    values = {"metrics": {"prometheusRule": {"enabled": True, "namespace": "monitoring"}}}
+    rule = only(render_objects(values), "PrometheusRule")
+    assert rule["metadata"]["namespace"] == "monitoring"
+    assert rule["spec"]["groups"] == _alert_groups()
 
 
 def test_notes_tell_how_to_reach_the_api_and_metrics():

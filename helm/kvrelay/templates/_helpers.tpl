@@ -170,8 +170,8 @@ What values.schema.json cannot express. Every message names the value to change.
 {{- if and $v.apiKey.existingSecret $v.apiKey.value }}
 {{- fail "apiKey: set either apiKey.existingSecret or apiKey.value, not both" }}
 {{- end }}
-{{- if and (not $v.metrics.enabled) (or $v.metrics.serviceMonitor.enabled $v.metrics.podMonitor.enabled) }}
-{{- fail "metrics.serviceMonitor / metrics.podMonitor need metrics.enabled: true" }}
+{{- if and (not $v.metrics.enabled) (or $v.metrics.serviceMonitor.enabled $v.metrics.podMonitor.enabled $v.metrics.prometheusRule.enabled) }}
+{{- fail "metrics.serviceMonitor / metrics.podMonitor / metrics.prometheusRule need metrics.enabled: true" }}
 {{- end }}
 {{- end }}
 
