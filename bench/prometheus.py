@@ -138,18 +138,22 @@ def dashboard_queries(rate_interval: str = "1m") -> list[tuple[str, str, str]]:
     out = []
     for path in sorted(GRAFANA_DIR.glob("*.json")):
         board = json.loads(path.read_text())
-        values = {"__rate_interval": rate_interval, "__interval": "15s", "__range": "30m"}
-        for var in board.get("templating", {}).get("list", []):
-            current = var.get("current") or {}
-            value = current.get("value", var.get("query"))
-            if isinstance(value, list):
-                value = value[0]
-            values[var["name"]] = str(value)
+        values = {"__rate_interval": rate_interval, "__interval": "15s", "__range": "30m", **template_values(board)}
         for panel in _panels(board.get("panels", [])):
             for target in panel.get("targets", []):
                 if target.get("expr"):
                     out.append((board.get("uid", path.stem), panel.get("title", ""), substitute(target["expr"], values)))
     return out
+
+
+def template_values(board: dict[str, Any]) -> dict[str, str]:
+    """Each template variable's current value (what Grafana substitutes by default)."""
+    values = {}
+    for var in board.get("templating", {}).get("list", []):
+        current = var.get("current") or {}
+        value = current.get("value", var.get("query"))
+        values[var["name"]] = str(value[0] if isinstance(value, list) else value)
+    return values
 
 
 def _panels(panels: list[dict]) -> list[dict]:
