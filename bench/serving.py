@@ -500,7 +500,7 @@ def commentary(result: dict[str, Any]) -> list[str]:
                     if other in rows and rows[other]["computed"] > 0:
                         diff = rows[other]["computed"] - rows["kv_aware"]["computed"]
                         L.append(f"  * kv_aware computed {abs(diff):.0f} {'fewer' if diff >= 0 else 'more'} prefill tokens "
-                                 f"than {other} ({abs(diff) / rows[other]['computed']:.0%} of {other}'s).")
+                                 f"than {other} ({abs(diff) / rows[other]['computed']:.0%} {'fewer' if diff >= 0 else 'more'} than {other}'s {rows[other]['computed']:.0f}).")
         mode = [c for c in ("disagg_1p1d", "colocated") if c in rows]
         if mode:
             L.append("  * modes (2 workers): " + "; ".join(
@@ -614,12 +614,9 @@ def trace_reuse_lines(result: dict[str, Any]) -> list[str]:
             "earlier request's first token (its blocks already stored, so the router's index could know), how many "
             "still got fewer cached tokens than the shared prefix — " + "; ".join(parts) + ". With one prefill "
             "worker (disagg_1p1d) every such request must hit; with two, a miss means placement sent it away from "
-            "the worker holding its prefix. A likely contributor on 2P+1D (a hypothesis, not isolated here): the router "
-            "counts each request against the prefill worker it placed it on until the whole request ends "
-            "(`_placed` in router/service.py), so requests that are already decoding on the decode worker still "
-            "look like queue load on their prefill worker, and kv_aware's load term (256 prompt tokens per "
-            "request) can outweigh a few hundred tokens of prefix; colocated workers really do carry those "
-            "requests, which fits their having fewer misses."]
+            "the worker holding its prefix. Follow-ups sent earlier (while the earlier request was still queued or "
+            "prefilling) are not in these counts: the router's index learns a prefix only once its blocks are "
+            "stored, so to kv_aware such a request looks cold and is placed by load."]
 
 
 def render_plot(result: dict[str, Any], path: str) -> None:
