@@ -21,6 +21,7 @@ from cluster.cluster import KVRelayCluster, NoWorkerError
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
 from router.detokenizer import TextStream
+from router.pending_prefixes import PendingPrefixes
 from router.metrics import IndexView, RouterMetrics, WorkerView
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
@@ -84,6 +85,7 @@ class RouterService:
         self.cluster: KVRelayCluster | None = None
         self.ready = False
         self.inflight = 0
+        self.pending_prefixes = PendingPrefixes()  # prompts placed on a worker, not prefilled yet
         self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
         self._started_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
@@ -201,14 +203,18 @@ class RouterService:
             ))
         return out
 
-    def place(self, prompt: list[int]) -> Placement:
-        hashes = hash_blocks(prompt, self.block_size)
+    def place(self, prompt: list[int], hashes: list | None = None) -> Placement:
+        hashes = hash_blocks(prompt, self.block_size) if hashes is None else hashes
         colocated = "colocated" in self.indexes
         decode_role = "colocated" if colocated else "decode"
+        # What the prefill side holds, or will hold once the prompts already sent there
+        # are prefilled (the index alone learns a prefix only after its prefill).
+        compute_role = decode_role if colocated else "prefill"
+        compute_match = _longer(self.indexes[compute_role].match(hashes).blocks, self.pending_prefixes.match(hashes))
         req = PlacementRequest(
             len(prompt), self.block_size,
-            prefill_match={} if colocated else dict(self.indexes["prefill"].match(hashes).blocks),
-            decode_match=dict(self.indexes[decode_role].match(hashes).blocks),
+            prefill_match={} if colocated else compute_match,
+            decode_match=compute_match if colocated else dict(self.indexes[decode_role].match(hashes).blocks),
         )
         placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill"), self._snapshots(decode_role))
         for worker in filter(None, (placement.prefill, placement.decode)):
@@ -226,11 +232,14 @@ class RouterService:
         first; once its prompt is prefilled, the other choices start on the same
         workers and reuse that prefix (prefix cache on the prefill worker, dedup on the
         decode worker), so a prompt is prefilled and shipped once."""
+        hashes = hash_blocks(prompt, self.block_size)
         try:
-            placement = self.place(prompt)
+            placement = self.place(prompt, hashes)
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement
+        # The prompt's blocks are on their way into this worker's cache until its first token.
+        pending = self.pending_prefixes.add(placement.prefill or placement.decode, hashes)
         # Count the request against its workers until the health probes see it: on the
         # prefill worker until its first token (prefill done), on the decode worker
         # until it ends.
@@ -254,6 +263,7 @@ class RouterService:
                     if not first_seen:
                         first_seen = True
                         self._unplace(placement.prefill)
+                        self.pending_prefixes.remove(pending)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
                         result.cached_tokens = out.num_cached_tokens
@@ -292,6 +302,7 @@ class RouterService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._placed[placement.decode] -= len(params)
+            self.pending_prefixes.remove(pending)
 
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:
         """Tokens of one choice arrived: TTFT at the request's first, otherwise the gap
@@ -310,6 +321,11 @@ class RouterService:
     def _unplace(self, worker: str | None) -> None:
         if worker is not None:
             self._placed[worker] -= 1
+
+
+def _longer(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Per worker, the longer of two prefix matches."""
+    return {w: max(a.get(w, 0), b.get(w, 0)) for w in a.keys() | b.keys()}
 
 
 __all__ = ["ChoiceEvent", "RequestResult", "RouterService", "SelfCheckError", "CapacityError", "NoWorkerError"]
