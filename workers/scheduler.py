@@ -85,12 +85,19 @@ class Scheduler:
 
         if out.preempted:
             return out  # memory is tight: admit nobody new this step
+        computing = self._blocks_being_computed()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             # A full prefix hit still recomputes the last block: one token must run
             # through the model to produce logits.
             usable = (req.num_tokens - 1) // self.bm.block_size
             prefix = self.bm.match_prefix(req.block_hashes[:usable])
+            if prefix.num_blocks < usable and req.block_hashes[prefix.num_blocks] in computing:
+                # Its next block is being computed by a running request (a burst sharing
+                # a prompt, or a turn placed here while the previous one still prefills):
+                # admitted now, it would compute that prefix a second time. It waits
+                # (FIFO kept) until the block is cached, at most that prefill's length.
+                break
             num_cached = prefix.num_blocks * self.bm.block_size
             n = min(req.num_tokens - num_cached, budget, self.config.chunk_size)
             need = self.bm.blocks_for(num_cached + n) - prefix.num_blocks
@@ -109,7 +116,21 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
             budget -= n
+            computing |= self._uncached_prompt_blocks(req)
         return out
+
+    def _blocks_being_computed(self) -> set:
+        """Hashes of the full prompt blocks running requests have yet to cache."""
+        out: set = set()
+        for r in self.running:
+            out |= self._uncached_prompt_blocks(r)
+        return out
+
+    def _uncached_prompt_blocks(self, req: Request) -> set:
+        if not self.config.enable_prefix_caching:
+            return set()
+        end = req.num_prompt_tokens // self.bm.block_size
+        return set(req.block_hashes[req.num_cached_blocks:end])
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req.block_ids)

@@ -99,6 +99,34 @@ def test_kv_aware_computes_half_the_prefill_of_round_robin(router, tokenizer):
     assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)
 
 
+def test_a_follow_up_goes_where_its_prefix_is_still_being_computed(router, tokenizer):
+    """Two requests sharing a long prefix arrive together: when the second is placed,
+    the first is still prefilling, so the index (which learns blocks once stored) knows
+    nothing yet. The router's pending prefixes send it to the same prefill worker;
+    without them it is cold and goes by load, i.e. to the other, idle worker."""
+    s = router.service
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware")
+    # Long enough that the prefix outweighs one request of load (256 tokens), short
+    # enough that both fit the small decode pool at once (no dedup while in flight).
+    shared = tokenizer.encode("[burst] " + long_text(1600))
+    prompts = [shared + tokenizer.encode(f" Question {i}: what is point {i}?") for i in range(2)]
+    assert 300 < len(shared) < 400
+    assert not any(s.indexes["prefill"].match(hash_blocks(prompts[0], s.block_size), touch=False).blocks.values())  # cold
+
+    async def one(prompt):
+        result = RequestResult(len(prompt))
+        async for _ in s.run(prompt, [SamplingParams(max_tokens=2, temperature=0.0)], [], result):
+            pass
+        return result.placement.prefill
+
+    async def burst():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    workers = router.run(burst(), 180)
+    assert workers[0] == workers[1], workers
+    assert len(s.pending_prefixes) == 0  # every pending prefix is released
+
+
 def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray_runtime):
     s = router.service
     prompts = [tokenizer.encode(f"Eviction probe {i}: " + long_text(500)) for i in range(10)]
