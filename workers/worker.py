@@ -177,7 +177,6 @@ class WorkerBase:
         return await self.aengine.run_on_engine(lambda: self.engine.block_manager.match_prefix(block_hashes).num_blocks)
 
 
-
 def _node_ip() -> str:
     """This node's address as the rest of the Ray cluster sees it (127.0.0.1 outside Ray)."""
     try:
