@@ -85,7 +85,7 @@ class Scheduler:
 
         if out.preempted:
             return out  # memory is tight: admit nobody new this step
-        computing = self._blocks_being_computed()
+        computing = self._blocks_being_computed() if self.waiting else set()  # none to admit: skip the scan
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             # A full prefix hit still recomputes the last block: one token must run
