@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cluster.compression import PRESETS
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted-key overrides from the flags, then from repeated ``--set key=value``."""
@@ -32,6 +34,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "pools.colocated": True if args.colocated else None,
         "pools.threads_per_worker": args.threads,
         "transfer.transport": args.transport,
+        "transfer.compression.preset": args.kv_compression,
         "router.host": getattr(args, "host", None),
         "router.port": getattr(args, "port", None),
         "router.policy": getattr(args, "policy", None),
@@ -183,6 +186,8 @@ def _cluster_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-workers", type=int, default=None)
     g.add_argument("--colocated", action="store_true", help="no disaggregation: each worker does both phases")
     g.add_argument("--transport", choices=["ucx", "inprocess"], default=None)
+    g.add_argument("--kv-compression", choices=list(PRESETS), default=None,
+                   help="KV payload preset between the pools (default none: dedup only); see the README")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool per worker")

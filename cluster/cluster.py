@@ -60,12 +60,14 @@ class KVRelayCluster:
             return Resources(pools.cpus_per_worker, pools.gpus_per_worker, pools.max_restarts, tuple(sorted(custom.items())))
         engine = config.engine_config()
         dl = config.deadlines
-        transport = "none" if pools.colocated else config.transfer.transport
+        # Colocated workers hand a compressed request's KV to themselves in process (the
+        # same encode/decode path, no wire), so "compressed vs full" is measurable there too.
+        transport = "inprocess" if pools.colocated else config.transfer.transport
 
         def specs(role: str, n: int) -> list[WorkerSpec]:
             return [
                 WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s,
-                           layerwise=config.transfer.layerwise,
+                           layerwise=config.transfer.layerwise, compression=config.transfer.compression,
                            metrics_host=config.metrics.host,
                            metrics_port=config.metrics.worker_port if config.metrics.enabled else None)
                 for i in range(n)
@@ -126,10 +128,14 @@ class KVRelayCluster:
         params: SamplingParams,
         request_id: str | None = None,
         placement: tuple[str | None, str] | None = None,
+        compression: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; tokens are never repeated across retries.
         ``placement`` (prefill name or None, decode name) is the router's choice; it is
-        used while those workers are up, and a retry falls back to the default policy."""
+        used while those workers are up, and a retry falls back to the default policy.
+        ``compression`` names a preset for this request's KV payload (None: the
+        deployment's ``transfer.compression``); an unknown name raises ValueError."""
+        self.config.transfer.compression.resolve(compression)  # ValueError before any work
         rid = request_id or f"req-{uuid.uuid4().hex}"
         self.counters.requests += 1
         emitted = 0
@@ -138,7 +144,7 @@ class KVRelayCluster:
         while True:
             p, d = self._place(prompt, tried, None if tried else placement)
             try:
-                async for out in self._attempt(rid, prompt, params, p, d):
+                async for out in self._attempt(rid, prompt, params, p, d, compression):
                     fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
                     emitted = max(emitted, out.num_output_tokens)
                     yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
@@ -164,13 +170,16 @@ class KVRelayCluster:
                 self.counters.decode_retries += 1
                 log.warning("%s: %s; retrying on another decode worker", rid, e)
 
-    async def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, p: WorkerState | None, d: WorkerState) -> AsyncIterator[RequestOutput]:
+    async def _attempt(
+        self, rid: str, prompt: list[int], params: SamplingParams, p: WorkerState | None, d: WorkerState,
+        compression: str | None,
+    ) -> AsyncIterator[RequestOutput]:
         dl = self.config.deadlines
         if p is None:  # colocated
-            async for out in d.handle.stream("generate", rid, prompt, params, item_timeout_s=dl.token_s):
+            async for out in d.handle.stream("generate", rid, prompt, params, compression, item_timeout_s=dl.token_s):
                 yield out
             return
-        desc = await d.handle.call("reserve", rid, prompt, params, p.layout, timeout_s=dl.reserve_s)
+        desc = await d.handle.call("reserve", rid, prompt, params, p.layout, compression, timeout_s=dl.reserve_s)
         finished = False
         try:
             first = None

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cluster.compression import CompressionSection
 from workers.config import EngineConfig
 
 
@@ -56,6 +57,10 @@ class TransferSection(_Strict):
     # behind the remaining layers). False sends everything after the last layer: the
     # baseline the benchmark compares against.
     layerwise: bool = True
+    # What crosses the wire: a preset (none | int8 | fp8 | int4 | balanced | max) and any
+    # of its knobs overridden (cluster/compression.py). Requests may pick another preset
+    # with the kv_compression body field.
+    compression: CompressionSection = CompressionSection()
 
 
 class Deadlines(_Strict):

@@ -11,8 +11,15 @@
 
 Tags: one 48-bit transfer id per request, shifted left 16 bits; the low 16 bits name
 the message (layer index, HEADER, ACK), so many transfers share one endpoint. Only
-the blocks the decode worker lacks travel (``start_block``, ``num_blocks``); each
-layer's pages go as one contiguous buffer ``[num_blocks, 2, block_size, Hkv, D]``.
+the blocks the decode worker lacks travel (``start_block``, ``num_blocks``).
+
+What a layer message holds is the descriptor's PayloadPlan (chosen by the decode
+worker at reserve time):
+- identity (preset ``none``): the layer's pages as one contiguous buffer
+  ``[num_blocks, 2, block_size, Hkv, D]`` in the cache dtype, as before;
+- otherwise: one framed message (``cluster.kv_codec``): the kept tokens' K and V of
+  the shipped suffix, token-major, quantized, scales beside them. Its size is at most
+  the plan's capacity; the receiver posts buffers that large and reads the header.
 Every wait has the descriptor's deadline; on any failure the decode worker recomputes.
 """
 
@@ -29,6 +36,8 @@ import numpy as np
 import torch
 import xxhash
 
+from cluster import kv_codec
+from cluster.compression import PayloadPlan
 from cluster.kv_layout import KVLayout, LayoutMismatchError
 from cluster.transport.base import KVTransport, TransferError
 
@@ -55,10 +64,50 @@ class TransferDescriptor:
     start_block: int  # first prompt block the decode worker lacks
     num_blocks: int  # blocks to send, from start_block
     timeout_s: float
+    plan: PayloadPlan
+
+    def quantizer(self) -> kv_codec.Quantizer:
+        return kv_codec.get_quantizer(self.plan.quantization, raw_dtype=getattr(torch, self.layout.dtype),
+                                      group_size=self.plan.group_size)
 
     @property
-    def bytes_per_layer(self) -> int:
-        return self.num_blocks * self.layout.bytes_per_block_per_layer
+    def capacity_per_layer(self) -> int:
+        """Bytes of the largest message one layer may send (the receive buffer size)."""
+        if self.num_blocks == 0:
+            return 0
+        if self.plan.identity:
+            return self.num_blocks * self.layout.bytes_per_block_per_layer
+        lay = self.layout
+        return kv_codec.layer_message_bytes(self.quantizer(), self.plan.capacity_tokens, lay.num_kv_heads, lay.head_dim)
+
+
+@dataclass
+class ReceivedKV:
+    """What arrived for one request: raw pages (identity plan) or one framed message
+    per layer (decoded on install, on the decode worker's engine thread)."""
+
+    desc: TransferDescriptor
+    pages: list[torch.Tensor] | None  # identity: per layer [num_blocks, 2, bs, Hkv, D]
+    messages: list[torch.Tensor] | None  # otherwise: per layer uint8 receive buffers
+    sizes: list[int]  # bytes received per layer
+
+    @property
+    def lossless(self) -> bool:
+        return self.desc.plan.identity
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.sizes)
+
+    def num_tokens(self, layer: int) -> int:
+        return kv_codec.read_layer_tokens(self.messages[layer], self.sizes[layer])
+
+    def layer_tokens(self, layer: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [n, Hkv, D] of one layer's kept tokens, dequantized to ``dtype``.
+        Raises kv_codec.CodecError for a malformed message."""
+        lay = self.desc.layout
+        return kv_codec.decode_layer(self.desc.quantizer(), self.messages[layer], self.sizes[layer], layer,
+                                     lay.num_kv_heads, lay.head_dim, dtype, device)
 
 
 @dataclass
@@ -86,6 +135,8 @@ class KVSender:
         self.deadline = time.monotonic() + desc.timeout_s
         self.created_at = time.time()
         self.full_bytes = num_prompt_blocks * layout.num_layers * layout.bytes_per_block_per_layer
+        # The same prompt in 16-bit KV (what GPU deployments keep): ratios are quoted against it.
+        self.full_bytes_16bit = self.full_bytes * 2 // layout.element_size
         self.bytes_sent = 0
         self.layer_sent_at: dict[int, float] = {}
         self._futures: list[Future] = []
@@ -93,15 +144,17 @@ class KVSender:
         self._ack = transport.recv(desc.tag | ACK, self._ack_buf, desc.timeout_s)
         header = json.dumps(
             {"wire": layout.wire_version, "layout": layout.digest(), "sender": transport.address.hex(),
-             "request_id": desc.request_id, "layers": layout.num_layers, "bytes_per_layer": desc.bytes_per_layer}
+             "request_id": desc.request_id, "layers": layout.num_layers, "capacity_per_layer": desc.capacity_per_layer,
+             "codec": desc.plan.quantization, "sparse": desc.plan.sparse}
         ).encode()
         self._futures.append(transport.send(desc.receiver, desc.tag | HEADER, header.ljust(HEADER_BYTES), desc.timeout_s))
 
-    def send_layer(self, layer: int, pages: torch.Tensor) -> None:
-        """pages [num_blocks, 2, block_size, Hkv, D], contiguous, ready to read."""
+    def send_layer(self, layer: int, payload: torch.Tensor) -> None:
+        """payload: contiguous, ready to read; the layer's pages ``[num_blocks, 2,
+        block_size, Hkv, D]`` (identity plan) or its framed message (uint8)."""
         remaining = self.deadline - time.monotonic()
-        self._futures.append(self.transport.send(self.desc.receiver, self.desc.tag | layer, pages, max(remaining, 0.001)))
-        self.bytes_sent += pages.numel() * pages.element_size()
+        self._futures.append(self.transport.send(self.desc.receiver, self.desc.tag | layer, payload, max(remaining, 0.001)))
+        self.bytes_sent += payload.numel() * payload.element_size()
         self.layer_sent_at[layer] = time.time()
 
     async def finish(self) -> TransferOutcome:
@@ -135,8 +188,11 @@ class KVReceiver:
         self.layer_received_at: dict[int, float] = {}
         self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
         self._header_f = transport.recv(desc.tag | HEADER, self._header, desc.timeout_s)
-        shape = (desc.num_blocks, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(lay.num_layers)]
+        if desc.plan.identity:
+            shape = (desc.num_blocks, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+            self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(lay.num_layers)]
+        else:  # framed messages of at most the plan's capacity
+            self.layers = [torch.empty(desc.capacity_per_layer, dtype=torch.uint8, device=device) for _ in range(lay.num_layers)]
         self._layer_f: list[Future] = []
         if desc.num_blocks:
             for i, buf in enumerate(self.layers):
@@ -144,17 +200,19 @@ class KVReceiver:
                 f.add_done_callback(lambda _f, i=i: self.layer_received_at.setdefault(i, time.time()))
                 self._layer_f.append(f)
 
-    async def wait(self) -> list[torch.Tensor]:
+    async def wait(self) -> ReceivedKV:
         """All layers, after checking the sender's header; then ack. Raises TransferError."""
+        sizes = []
         try:
             await _as_future(self._header_f, self.deadline - time.monotonic())
             header = json.loads(bytes(self._header).rstrip(b" \x00"))
             if header["wire"] != self.desc.layout.wire_version or header["layout"] != self.desc.layout.digest():
                 raise TransferError("peer", f"sender's wire version/layout differ: {header}")
             for f in self._layer_f:
-                await _as_future(f, self.deadline - time.monotonic())
+                sizes.append(await _as_future(f, self.deadline - time.monotonic()))
         except (asyncio.TimeoutError, TimeoutError):
             raise TransferError("timeout", f"KV for {self.desc.request_id} did not arrive within {self.desc.timeout_s}s") from None
         ack = np.array([ACK_OK] + [0] * 7, dtype=np.uint8)
         self.transport.send(bytes.fromhex(header["sender"]), self.desc.tag | ACK, ack, 5.0)
-        return self.layers
+        identity = self.desc.plan.identity
+        return ReceivedKV(self.desc, self.layers if identity else None, None if identity else self.layers, sizes)

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import xxhash
 
+from cluster.compression import CODEC_VERSION
+
 # Version of the handoff wire format (descriptor, header, tags, ack). Bump on change.
-WIRE_VERSION = 1
+# 2: the descriptor carries a PayloadPlan; compressed layers travel framed (kv_codec).
+WIRE_VERSION = 2
 
 
 class LayoutMismatchError(ValueError):
@@ -29,6 +32,7 @@ class KVLayout:
     head_dim: int
     block_size: int
     wire_version: int = WIRE_VERSION
+    codec_version: int = CODEC_VERSION
 
     @property
     def element_size(self) -> int:

@@ -34,10 +34,14 @@ def worker_class(role: str) -> type:
         from workers.prefill_worker import PrefillWorker
 
         return PrefillWorker
-    if role == "decode" or role == "colocated":
+    if role == "decode":
         from workers.decode_worker import DecodeWorker
 
         return DecodeWorker
+    if role == "colocated":
+        from workers.colocated_worker import ColocatedWorker
+
+        return ColocatedWorker
     raise ValueError(f"unknown worker role {role!r}")
 
 

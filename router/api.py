@@ -235,7 +235,7 @@ def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0):
 
 async def _respond(s: RouterService, request: Request, req, prompt: list[int], params, chat: bool):
     result = RequestResult(prompt_tokens=len(prompt), arrival=getattr(request.state, "arrival", time.monotonic()))
-    stream = s.run(prompt, params, req.stop_strings, result)
+    stream = s.run(prompt, params, req.stop_strings, result, compression=req.kv_compression)
     s.inflight += 1
     if req.stream:
         request.state.streaming = True

@@ -226,7 +226,8 @@ class RouterService:
     # ---- one request ------------------------------------------------------------------
 
     async def run(
-        self, prompt: list[int], params: list[SamplingParams], stop_strings: list[str], result: RequestResult
+        self, prompt: list[int], params: list[SamplingParams], stop_strings: list[str], result: RequestResult,
+        compression: str | None = None,
     ) -> AsyncIterator[ChoiceEvent]:
         """Stream the events of every choice (``len(params)`` choices). Choice 0 runs
         first; once its prompt is prefilled, the other choices start on the same
@@ -256,7 +257,8 @@ class RouterService:
             first_seen = False
             last_at: float | None = None  # when this choice's last tokens arrived
             try:
-                async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode)):
+                async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode),
+                                                       compression):
                     if out.new_token_ids:
                         self._observe_tokens(result, len(out.new_token_ids), last_at)
                         last_at = time.monotonic()

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from cluster.kv_handoff import KVReceiver, TransferDescriptor, new_transfer_tag
+from cluster.compression import CompressionSettings, PayloadPlan
+from cluster.kv_handoff import KVReceiver, ReceivedKV, TransferDescriptor, new_transfer_tag
 from cluster.kv_layout import KVLayout
 from cluster.transport.base import TransferError
+from workers import kv_selection
 from workers.engine import RequestOutput
 from workers.request import TokenLogprobs
 from workers.sampling_params import SamplingParams
@@ -30,13 +32,26 @@ class DecodeWorker(WorkerBase):
         self._receivers: dict[str, tuple[asyncio.Task, SamplingParams, float]] = {}
         self.layer_received_at: dict[str, dict[int, float]] = {}
         self._reaper: asyncio.Task | None = None
+        self._profiles: dict[str, tuple[float, ...]] = {}
 
-    async def reserve(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_layout: KVLayout) -> TransferDescriptor:
-        """Set blocks aside and post the receives. Raises LayoutMismatchError,
-        ValueError (bad input) or CapacityError (no room now)."""
+    async def reserve(
+        self, request_id: str, prompt: list[int], params: SamplingParams, prefill_layout: KVLayout,
+        compression: str | None = None,
+    ) -> TransferDescriptor:
+        """Set blocks aside, choose the payload (``compression``: a preset name, None
+        for the deployment's default) and post the receives. Raises
+        LayoutMismatchError, ValueError (bad input, unknown preset) or CapacityError."""
         self.layout.check_peer(prefill_layout, "prefill worker")
+        label, settings = self.spec.compression.resolve(compression)
         self._start_reaper()
-        res = await self.aengine.run_on_engine(lambda: self.engine.reserve(request_id, prompt, params))
+        plans: dict[str, PayloadPlan] = {}
+
+        def suffix_slots(region_start: int, region_tokens: int) -> int:
+            plans["plan"] = self._plan(label, settings, len(prompt), region_start, region_tokens)
+            return plans["plan"].planned_slots
+
+        res = await self.aengine.run_on_engine(lambda: self.engine.reserve(request_id, prompt, params, suffix_slots))
+        bs = self.layout.block_size
         desc = TransferDescriptor(
             request_id=request_id,
             tag=new_transfer_tag(request_id),
@@ -44,8 +59,9 @@ class DecodeWorker(WorkerBase):
             transport=self.transport.name,
             layout=self.layout,
             start_block=res.num_cached_blocks,
-            num_blocks=res.num_missing_blocks,
+            num_blocks=-(-len(prompt) // bs) - res.num_cached_blocks,
             timeout_s=self.spec.transfer_timeout_s,
+            plan=plans["plan"],
         )
         kv = self.engine.kv_cache.storage
         receiver = KVReceiver(self.transport, desc, kv.dtype, kv.device)
@@ -55,14 +71,49 @@ class DecodeWorker(WorkerBase):
         self._receivers[request_id] = (arrival, params, time.monotonic())
         return desc
 
-    async def _arrive(self, receiver: KVReceiver) -> list[torch.Tensor]:
-        layers = await receiver.wait()
+    def _plan(self, label: str, settings: CompressionSettings, prompt_len: int, region_start: int, region_tokens: int) -> PayloadPlan:
+        """The payload for a suffix of ``region_tokens`` tokens from ``region_start``:
+        a pure function of these numbers and the settings, so every size is known
+        before the prefill runs."""
+        num_layers = self.layout.num_layers
+        sparse = settings.sparse and region_tokens >= max(settings.min_tokens, 1)
+        budgets = (region_tokens,) * num_layers
+        capacity = region_tokens
+        if sparse:
+            sel = kv_selection.SelectionParams(settings.window, settings.sinks, settings.kernel, settings.pooling, settings.guard)
+            forced = kv_selection.forced_count(prompt_len, region_start, sel)
+            budgets = tuple(kv_selection.layer_budgets(
+                region_tokens, None if settings.token_budget else settings.keep, num_layers,
+                self._profile(settings.budgets), token_budget=settings.token_budget, min_tokens=forced,
+            ))
+            # With the guard on, any layer may have to go out whole: receive buffers that large.
+            capacity = region_tokens if settings.guard > 0 else max(budgets)
+        return PayloadPlan(
+            preset=label, quantization=settings.quantization, group_size=settings.group_size, sparse=sparse,
+            region_start=region_start, region_tokens=region_tokens, budgets=budgets, capacity_tokens=capacity,
+            window=settings.window, sinks=settings.sinks, kernel=settings.kernel, pooling=settings.pooling,
+            guard=settings.guard,
+        )
+
+    def _profile(self, budgets: str):
+        """"uniform" | "pyramid" | the weights of a learned profile file (loaded once)."""
+        if budgets in ("uniform", "pyramid"):
+            return budgets
+        if budgets not in self._profiles:
+            prof = kv_selection.load_profile(budgets)
+            if prof.num_layers != self.layout.num_layers:
+                raise ValueError(f"budget profile {budgets}: {prof.num_layers} layers, the model has {self.layout.num_layers}")
+            self._profiles[budgets] = prof.weights
+        return self._profiles[budgets]
+
+    async def _arrive(self, receiver: KVReceiver) -> ReceivedKV:
+        kv = await receiver.wait()
         rid = receiver.desc.request_id
         self.layer_received_at[rid] = dict(receiver.layer_received_at)
         while len(self.layer_received_at) > 256:
             self.layer_received_at.pop(next(iter(self.layer_received_at)))
-        self.transfer_bytes += receiver.desc.bytes_per_layer * receiver.desc.layout.num_layers
-        return layers
+        self.transfer_bytes += kv.bytes_received
+        return kv
 
     async def decode(
         self,

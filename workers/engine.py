@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +21,13 @@ from workers.config import EngineConfig
 from workers.kv_cache import KVCache, KVCacheSpec
 from workers.loader import LoadedModel, load_model, resolve_model
 from workers.model_runner import ModelRunner
-from workers.request import Request, RequestStatus, TokenLogprobs
+from workers.request import CompactedKV, Request, RequestStatus, TokenLogprobs
 from workers.sampler import SampledToken, Sampler
 from workers.sampling_params import SamplingParams
 from workers.scheduler import SchedulerOutput, Scheduler
+
+if TYPE_CHECKING:
+    from cluster.kv_handoff import ReceivedKV
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,15 @@ class RequestOutput:
 class Reservation:
     """Blocks a decode engine set aside for a request whose prompt KV comes from a
     prefill worker. The first ``num_cached_blocks`` prompt blocks were already in this
-    engine's prefix cache; blocks ``[num_cached_blocks, len(block_ids))`` must arrive."""
+    engine's prefix cache; blocks ``[num_cached_blocks, len(block_ids))`` hold what
+    must arrive: ``suffix_slots`` KV entries (fewer than the suffix's tokens when the
+    payload is a sparse selection)."""
 
     request_id: str
     num_prompt_tokens: int
     num_cached_blocks: int
     block_ids: tuple[int, ...]
+    suffix_slots: int
 
     @property
     def num_missing_blocks(self) -> int:
@@ -72,6 +80,9 @@ class EngineStats:
     generation_tokens: int = 0
     preemptions: int = 0
     kv_recomputes: int = 0  # handed-off requests whose KV never arrived: recomputed here
+    # Compressed handoffs that lost their compression, by reason: "capacity" (no room for
+    # what the guard added), "preempted" (recomputed at full size), "codec" (malformed payload)
+    compression_fallbacks: dict[str, int] = field(default_factory=dict)
     steps: int = 0
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -104,7 +115,6 @@ class Engine:
         backend = get_backend(config.attention_backend, loaded.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
         self.requests: dict[str, Request] = {}
-        self.reserved: dict[str, Request] = {}  # waiting for their KV from a prefill worker
         self.stats = EngineStats()
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s", num_blocks, config.block_size,
                  self.kv_cache.nbytes / 2**20, backend.name)
@@ -145,93 +155,151 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        if self.reserved.pop(request_id, None) is not None:
-            self.block_manager.free(req.block_ids)
-            req.block_ids = []
-            req.status = RequestStatus.FINISHED_ABORTED
-            return True
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         return True
 
     # ---- disaggregation: the decode side of a handoff ---------------------------------
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation:
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        suffix_slots: Callable[[int, int], int] | None = None,
+    ) -> Reservation:
         """Set aside blocks for a prompt whose KV a prefill worker will send; reuse
-        every full prompt block this engine already caches (those are not sent)."""
+        every full prompt block this engine already caches (those are not sent).
+        ``suffix_slots(region_start, region_tokens)`` says how many KV slots the shipped
+        suffix needs (default: one per token; fewer for a sparse payload)."""
         self.validate(request_id, prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
         bm = self.block_manager
         prefix = bm.match_prefix(req.block_hashes)  # full prompt blocks only
-        need = bm.blocks_for(req.num_prompt_tokens) - prefix.num_blocks
+        start = prefix.num_blocks * self.config.block_size
+        region = req.num_prompt_tokens - start
+        slots = region if suffix_slots is None else suffix_slots(start, region)
+        need = bm.blocks_for(start + slots) - prefix.num_blocks
         if not bm.can_allocate(need, prefix):
             raise CapacityError(
                 f"KV pool full: {need} blocks needed, {bm.num_free_blocks - prefix.num_free} available"
             )
         req.block_ids = bm.allocate(need, prefix)
         req.num_cached_blocks = prefix.num_blocks
-        req.num_cached_tokens = prefix.num_blocks * self.config.block_size
+        req.num_cached_tokens = start
         self.requests[request_id] = req
-        self.reserved[request_id] = req
-        return Reservation(request_id, req.num_prompt_tokens, prefix.num_blocks, tuple(req.block_ids))
+        self.scheduler.add_remote(req)
+        return Reservation(request_id, req.num_prompt_tokens, prefix.num_blocks, tuple(req.block_ids), slots)
 
     def admit_prefilled(
         self,
         request_id: str,
         first_token: int | None,
         first_logprobs: TokenLogprobs | None = None,
-        kv_layers: list[torch.Tensor] | None = None,
+        kv: "ReceivedKV | None" = None,
         rng_state: torch.Tensor | None = None,
     ) -> RequestOutput | None:
         """Start decoding a reserved request.
 
-        With ``kv_layers`` (one buffer per layer holding the missing blocks' pages,
-        ``[num_missing, 2, block_size, Hkv, D]`` each) the pages are installed and the
-        request joins the running batch at its true position. Without them (the
-        transfer failed or the prefill worker died) the prompt is recomputed here, and
-        counted. ``first_token`` (sampled by the prefill worker) continues the output;
-        None means it was never produced. ``rng_state`` continues the prefill worker's
+        With ``kv`` (what arrived from the prefill worker) the KV is installed and the
+        request joins the running batch at its true position. Without it (the transfer
+        failed or the prefill worker died) the prompt is recomputed here, and counted.
+        ``first_token`` (sampled by the prefill worker) continues the output; None
+        means it was never produced. ``rng_state`` continues the prefill worker's
         sampling RNG, so a seeded request samples exactly as on one worker. Returns an
         output if the first token already ends the request."""
-        req = self.reserved.pop(request_id)
+        req = self.scheduler.waiting_remote[request_id]
         if rng_state is not None:
             req.generator = torch.Generator().manual_seed(0)
             req.generator.set_state(rng_state)
-        if kv_layers is None:
-            self.block_manager.free(req.block_ids)
-            req.block_ids, req.num_cached_blocks, req.num_cached_tokens = [], 0, -1
+        installed = kv is not None and self._install(req, kv)
+        if first_token is not None:
+            req.append_token(first_token)
+            if first_logprobs is not None:
+                req.output_logprobs.append(first_logprobs)
+        if installed and first_token is not None:
+            self.scheduler.remote_kv_arrived(req)
+        else:
             self.stats.kv_recomputes += 1
-        else:
-            self._install(req, kv_layers)
+            self.scheduler.remote_kv_failed(req)
         if first_token is None:
-            self.scheduler.add(req)
             return None
-        req.append_token(first_token)
-        if first_logprobs is not None:
-            req.output_logprobs.append(first_logprobs)
-        if kv_layers is not None:
-            req.status = RequestStatus.RUNNING
-            self.scheduler.running.append(req)
-        else:
-            self.scheduler.add(req)
         reason = self._stop_reason(req, first_token)
         if reason is None:
             return None
         self._finish(req, reason)
         return self._output(req, first_token, first_logprobs)
 
-    def _install(self, req: Request, kv_layers: list[torch.Tensor]) -> None:
+    def _install(self, req: Request, kv: "ReceivedKV") -> bool:
+        """Write what arrived into the request's blocks; False if it cannot be used
+        (then the request is recomputed here, and the reason counted)."""
         spec = self.kv_cache.spec
-        if len(kv_layers) != spec.num_layers:
-            raise ValueError(f"expected KV for {spec.num_layers} layers, got {len(kv_layers)}")
+        if len(kv.sizes) != spec.num_layers and kv.desc.num_blocks:
+            raise ValueError(f"expected KV for {spec.num_layers} layers, got {len(kv.sizes)}")
+        if kv.lossless:
+            self._install_pages(req, kv.pages or [])
+        elif not self._install_tokens(req, kv):
+            return False
+        self._count_admission(req)
+        return True
+
+    def _install_pages(self, req: Request, pages: list[torch.Tensor]) -> None:
+        spec = self.kv_cache.spec
         ids = torch.tensor(req.block_ids[req.num_cached_blocks :], dtype=torch.int64, device=self.kv_cache.storage.device)
         shape = (len(ids), 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        for layer, buf in enumerate(kv_layers):
-            self.kv_cache.layer(layer)[ids] = buf.view(shape).to(self.kv_cache.storage.device, spec.dtype)
+        if len(ids):
+            for layer, buf in enumerate(pages):
+                self.kv_cache.layer(layer)[ids] = buf.view(shape).to(self.kv_cache.storage.device, spec.dtype)
         req.num_computed_tokens = req.num_prompt_tokens
         full = req.num_prompt_tokens // self.config.block_size
         self.block_manager.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
         req.num_cached_blocks = full
-        self._count_admission(req)
+
+    def _install_tokens(self, req: Request, kv: "ReceivedKV") -> bool:
+        """A compressed payload: layer l's kept tokens go to slots [start, start + n_l)
+        of the suffix (see CompactedKV); the blocks stay private."""
+        from cluster.kv_codec import CodecError
+
+        spec, bm, bs = self.kv_cache.spec, self.block_manager, self.config.block_size
+        start = req.num_cached_blocks * bs
+        try:
+            kept = tuple(kv.num_tokens(layer) for layer in range(spec.num_layers))
+        except CodecError as e:
+            log.warning("%s: malformed KV payload (%s): recomputing", req.request_id, e)
+            self._count_fallback("codec")
+            return False
+        slots = max(kept)
+        need = bm.blocks_for(start + slots) - len(req.block_ids)
+        if need > 0:  # the guard kept more than planned
+            if not bm.can_allocate(need):
+                self._count_fallback("capacity")
+                return False
+            req.block_ids += bm.allocate(need)
+        elif need < 0:  # fewer than planned: give the spare blocks back
+            spare = req.block_ids[len(req.block_ids) + need :]
+            del req.block_ids[len(req.block_ids) + need :]
+            bm.free(spare)
+        device = self.kv_cache.storage.device
+        table = torch.tensor(req.block_ids, dtype=torch.int64, device=device)
+        try:
+            for layer, n in enumerate(kept):
+                k, v = kv.layer_tokens(layer, spec.dtype, device)  # [n, Hkv, D] each
+                s = torch.arange(start, start + n, device=device)
+                cache = self.kv_cache.layer(layer)
+                cache[table[s // bs], 0, s % bs] = k
+                cache[table[s // bs], 1, s % bs] = v
+        except CodecError as e:
+            log.warning("%s: malformed KV payload (%s): recomputing", req.request_id, e)
+            self._count_fallback("codec")
+            return False
+        region = req.num_prompt_tokens - start
+        req.compacted = CompactedKV(start, slots, kept, region - slots)
+        req.private_from_block = req.num_cached_blocks
+        req.num_computed_tokens = req.num_prompt_tokens
+        return True
+
+    def _count_fallback(self, reason: str) -> None:
+        fb = self.stats.compression_fallbacks
+        fb[reason] = fb.get(reason, 0) + 1
 
     @property
     def has_unfinished(self) -> bool:
@@ -247,6 +315,8 @@ class Engine:
     def _postprocess(self, sched: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
         self.stats.steps += 1
         self.stats.preemptions += len(sched.preempted)
+        for _ in range(sched.compaction_lost):
+            self._count_fallback("preempted")
         outputs = []
         for chunk in sched.chunks:
             req = chunk.request

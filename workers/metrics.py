@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 # TransferError reasons (cluster/transport/base.py), exported at 0 before any failure.
 TRANSFER_FAILURE_REASONS = ("timeout", "peer", "closed", "size", "injected")
 QUEUE_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+# Why a compressed handoff lost (part of) its compression: the guard raised a layer's
+# budget (prefill side); no room for that on the decode worker, a preemption, or a
+# malformed payload (decode side; the request is recomputed at full size).
+FALLBACK_REASONS = ("guard", "capacity", "preempted", "codec")
+KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # EngineStats field -> (counter name without _total, help)
@@ -60,22 +65,41 @@ class _WorkerCollector(Collector):
             fam = GaugeMetricFamily(name, doc, labels=["role", "worker"])
             fam.add_metric(values, float(value))
             yield fam
-        # Bytes are counted by the sender (prefill workers); a decode worker sends none.
-        sent = float(w.transfer_bytes) if w.spec.role == "prefill" else 0.0
-        full = float(w.transfer_full_bytes) if w.spec.role == "prefill" else 0.0
-        for name, doc, value in (
-            ("kvrelay_kv_transfer_bytes", "KV payload bytes this worker put on the wire", sent),
-            ("kvrelay_kv_transfer_full_bytes", "What shipping the whole prompt's KV uncompressed would have cost", full),
-        ):
-            fam = CounterMetricFamily(name, doc, labels=["role", "worker"])
-            fam.add_metric(values, value)
+        # Bytes are counted by the sender (prefill workers), per compression preset; a
+        # decode worker sends none (its series stay at 0 under preset "none").
+        rows = dict(w.transfer_by_preset) if w.spec.role != "decode" else {}
+        rows.setdefault("none", [0, 0, 0])
+        for col, (name, doc) in enumerate((
+            ("kvrelay_kv_transfer_bytes", "KV payload bytes this worker put on the wire"),
+            ("kvrelay_kv_transfer_full_bytes", "What shipping the whole prompt's KV uncompressed (cache dtype) would have cost"),
+            ("kvrelay_kv_transfer_full_16bit_bytes", "The same prompts' KV in 16 bits, what compression ratios are quoted against"),
+        )):
+            fam = CounterMetricFamily(name, doc, labels=["role", "worker", "preset"])
+            for preset in sorted(rows):
+                fam.add_metric([*values, preset], float(rows[preset][col]))
             yield fam
+        fam = CounterMetricFamily("kvrelay_kv_compression_fallbacks", "Compressed handoffs that lost (part of) their "
+                                  "compression, by reason", labels=["role", "worker", "reason"])
+        fallbacks = w.fallbacks()
+        for reason in sorted(set(FALLBACK_REASONS) | set(fallbacks)):
+            fam.add_metric([*values, reason], float(fallbacks.get(reason, 0)))
+        yield fam
         fam = CounterMetricFamily("kvrelay_kv_transfer_failures", "KV transfers this worker saw fail, by reason",
                                   labels=["role", "worker", "reason"])
         failures = dict(w.transfer_failures)
         for reason in sorted(set(TRANSFER_FAILURE_REASONS) | set(failures)):
             fam.add_metric([*values, reason], float(failures.get(reason, 0)))
         yield fam
+
+
+class _LabelledHistogram:
+    """A histogram with this worker's role/worker labels bound; ``labels(preset)`` adds the rest."""
+
+    def __init__(self, hist: Histogram, role: str, name: str) -> None:
+        self.hist, self.role, self.name = hist, role, name
+
+    def labels(self, *rest: str):
+        return self.hist.labels(self.role, self.name, *rest)
 
 
 class WorkerMetrics:
@@ -90,6 +114,10 @@ class WorkerMetrics:
             "kvrelay_kv_transfer_seconds", "KV transfer time, first page sent to the decode worker's ack (successful transfers)",
             ["role", "worker"], buckets=TRANSFER_BUCKETS, registry=self.registry,
         ).labels(role, name)
+        self.kept_fraction = _LabelledHistogram(Histogram(
+            "kvrelay_kv_compression_kept_ratio", "Per request, the fraction of the shipped suffix's tokens a sparse payload kept "
+            "(mean over layers)", ["role", "worker", "preset"], buckets=KEPT_FRACTION_BUCKETS, registry=self.registry,
+        ), role, name)
         self.registry.register(_WorkerCollector(worker, [role, name]))
         self._server = None
         self._thread: threading.Thread | None = None

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from cluster.kv_handoff import KVSender, TransferDescriptor
+from workers.kv_export import KVExport
+from workers.model_runner import LayerDone
 from workers.request import TokenLogprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import ScheduledChunk
@@ -26,8 +28,14 @@ class PrefillResult:
     rng_state: torch.Tensor | None  # the sampling RNG after the first token
     num_prompt_tokens: int
     num_cached_tokens: int  # served from this worker's prefix cache
-    bytes_sent: int  # KV payload handed to the transport (only the pages D lacks)
-    full_bytes: int
+    bytes_sent: int  # KV payload handed to the transport (only what D lacks, compressed)
+    full_bytes: int  # the whole prompt's KV in the cache dtype
+    full_bytes_16bit: int  # the whole prompt's KV in 16-bit (what ratios are quoted against)
+    preset: str  # the payload's compression label
+    kept_fraction: float  # mean over layers of the shipped suffix's tokens kept (1.0 when dense)
+    guard_raised_layers: int  # layers the quality guard sent with more tokens than planned
+    min_mass: float  # lowest per-layer attention mass of the kept tokens (1.0 when dense)
+    encode_seconds: float  # selection + gather + quantization, all layers
     layer_computed_at: dict[int, float]  # wall clock when each layer's K/V were in the cache
     layer_sent_at: dict[int, float]
     prefill_seconds: float
@@ -36,28 +44,29 @@ class PrefillResult:
 class PrefillWorker(WorkerBase):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
-        self._exports: dict[str, KVSender] = {}
+        self._exports: dict[str, tuple[KVSender, KVExport]] = {}
         self._layer_times: dict[str, dict[int, float]] = {}
         self._held: dict[str, list[tuple[int, torch.Tensor]]] = {}  # layerwise=False: sent after the last layer
         self._settling: set[asyncio.Task] = set()
         self.recent: dict[str, PrefillResult] = {}  # last results, for probes and tests
         self.engine.runner.layer_observer = self._on_layer
 
-    def _on_layer(self, chunks: list[ScheduledChunk], layer: int) -> None:
+    def _on_layer(self, chunks: list[ScheduledChunk], done: LayerDone) -> None:
         """Engine thread, inside the forward pass: ship this layer of every request
         whose last prompt chunk is in this step."""
-        for c in chunks:
-            sender = self._exports.get(c.request.request_id)
-            if sender is None or not c.samples:
+        layer = done.layer
+        for i, c in enumerate(chunks):
+            entry = self._exports.get(c.request.request_id)
+            if entry is None:
+                continue
+            sender, export = entry
+            if not c.samples:
+                export.observe(layer, done.queries_of(i))
                 continue
             self._layer_times[c.request.request_id][layer] = time.time()
-            d = sender.desc
-            if d.num_blocks == 0:
+            if sender.desc.num_blocks == 0:
                 continue
-            ids = torch.tensor(c.request.block_ids[d.start_block : d.start_block + d.num_blocks], device=self.engine.kv_cache.storage.device)
-            pages = self.engine.kv_cache.layer(layer)[ids]  # [n, 2, bs, Hkv, D], a contiguous copy
-            if pages.is_cuda:  # UCX reads the memory directly: the copy must be done
-                torch.cuda.current_stream().synchronize()
+            pages = export.layer_message(c.request, layer, done.queries_of(i))
             if self.spec.layerwise:
                 sender.send_layer(layer, pages)
                 continue
@@ -72,7 +81,8 @@ class PrefillWorker(WorkerBase):
         start = time.perf_counter()
         num_blocks = self.engine.block_manager.blocks_for(len(prompt))
         sender = KVSender(self.transport, desc, self.layout, num_blocks)
-        self._exports[request_id] = sender
+        export = KVExport(desc, self.engine.kv_cache)
+        self._exports[request_id] = (sender, export)
         self._layer_times[request_id] = {}
         first_only = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         holder = {}
@@ -88,8 +98,11 @@ class PrefillWorker(WorkerBase):
         finally:
             self._exports.pop(request_id, None)
             layer_times = self._layer_times.pop(request_id, {})
-        self.transfer_bytes += sender.bytes_sent
-        self.transfer_full_bytes += sender.full_bytes
+        self.count_transfer(desc.plan.preset, sender.bytes_sent, sender.full_bytes, sender.full_bytes_16bit)
+        if desc.plan.sparse:
+            self.metrics.kept_fraction.labels(desc.plan.preset).observe(export.kept_fraction)
+        if export.guard_raised:
+            self.compression_fallbacks["guard"] += 1
         # The first token goes back now; the sends finish (and are acked) on their own.
         task = asyncio.get_running_loop().create_task(self._settle(sender))
         self._settling.add(task)
@@ -104,6 +117,12 @@ class PrefillWorker(WorkerBase):
             num_cached_tokens=first.num_cached_tokens,
             bytes_sent=sender.bytes_sent,
             full_bytes=sender.full_bytes,
+            full_bytes_16bit=sender.full_bytes_16bit,
+            preset=desc.plan.preset,
+            kept_fraction=export.kept_fraction,
+            guard_raised_layers=export.guard_raised,
+            min_mass=min(export.mass),
+            encode_seconds=export.seconds,
             layer_computed_at=layer_times,
             layer_sent_at=dict(sender.layer_sent_at),
             prefill_seconds=time.perf_counter() - start,

@@ -14,6 +14,7 @@ from workers.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks reserved, KV coming from a prefill worker
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -32,6 +33,36 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
 
 
+@dataclass(frozen=True)
+class CompactedKV:
+    """A request whose prompt KV arrived compressed (a sparse selection, quantized, or
+    both). Its logical length (positions: what RoPE, ``max_tokens`` and the context
+    limit see) and its KV length (slots in its block table) then differ::
+
+        positions  0 ........ start ............................ P | P+1 ...
+                   [ held exact ][ prompt suffix: S tokens         ][ new ...
+        KV slots   0 ........ start ........ start+N               | then new tokens
+                   [ held exact ][ layer l keeps kept[l] | hidden  ][ new ...
+
+    Slots ``[start + kept[l], start + N)`` of layer ``l`` are padding (``N = max(kept)``),
+    hidden from attention. Keys are cached after RoPE, so kept entries need no
+    re-rotation; new tokens continue at their true positions, in slot ``p - num_dropped``.
+    Compacted (and quantized) blocks are private: never cached under token hashes."""
+
+    start: int  # first compacted slot (= first logical token of the shipped suffix)
+    num_slots: int  # N
+    kept: tuple[int, ...]  # per layer, <= N
+    num_dropped: int  # logical prompt tokens without a slot: S - N
+
+    def hidden(self, layer: int) -> tuple[int, int]:
+        """The padding slot range ``[lo, hi)`` of one layer (empty when lo == hi)."""
+        return self.start + self.kept[layer], self.start + self.num_slots
+
+    @property
+    def has_hidden(self) -> bool:
+        return any(k < self.num_slots for k in self.kept)
+
+
 @dataclass
 class Request:
     """Tokens are ``prompt + output``; KV exists for the first ``num_computed_tokens``.
@@ -39,6 +70,9 @@ class Request:
     ``[ prompt ............ | output ...... ]``
     ``[ computed (in KV) ........ | to compute ]``  -> a step computes a chunk of the
     rest; when it reaches the end, a token is sampled and appended.
+
+    ``num_computed_tokens`` counts positions; ``num_kv_tokens`` counts KV slots. They
+    are equal unless the prompt's KV was compacted (``compacted``, see CompactedKV).
     """
 
     request_id: str
@@ -58,6 +92,10 @@ class Request:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    compacted: CompactedKV | None = None
+    # KV from slot private_from_block * block_size on is lossy (compressed payload, or
+    # computed over one): never registered in the prefix cache. None: all exact.
+    private_from_block: int | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -66,6 +104,23 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_dropped_tokens(self) -> int:
+        return 0 if self.compacted is None else self.compacted.num_dropped
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Slots in use in the block table (positions computed minus dropped ones)."""
+        return self.num_computed_tokens - self.num_dropped_tokens
+
+    def reset_kv(self) -> None:
+        """Forget every KV slot (preemption, failed transfer): recompute at full size."""
+        self.block_ids = []
+        self.num_computed_tokens = 0
+        self.num_cached_blocks = 0
+        self.compacted = None
+        self.private_from_block = None
 
     @property
     def num_tokens(self) -> int:

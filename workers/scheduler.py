@@ -8,7 +8,16 @@ and a long prompt never stalls the decodes for more than one chunk.
 
 When a running request needs a block and none is free, the most recently admitted
 running request is preempted: its blocks are freed (cached ones stay in the prefix
-cache) and it goes back to the front of the queue to be recomputed later.
+cache) and it goes back to the front of the queue to be recomputed later. A request
+whose KV was compacted is recomputed at full size (its compression is lost, counted).
+
+A request whose prompt KV comes from another worker enters through ``add_remote``
+(state WAITING_FOR_REMOTE_KV, its blocks already reserved) and leaves that state
+through ``remote_kv_arrived`` (to running, at its true position) or
+``remote_kv_failed`` (to waiting: it is recomputed here). Nothing else writes the
+scheduler's queues.
+
+Block accounting counts KV slots (``Request.num_kv_tokens``), not positions.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    compaction_lost: int = 0  # preempted requests whose compacted KV is recomputed at full size
 
     @property
     def num_tokens(self) -> int:
@@ -50,11 +60,32 @@ class Scheduler:
         self.bm = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.waiting_remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV, blocks reserved
         self.num_preemptions = 0
         # Called with a request's queue time (seconds waiting before it first ran).
         self.on_first_scheduled: Callable[[float], None] | None = None
 
     def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def add_remote(self, req: Request) -> None:
+        """A request whose blocks are reserved and whose KV another worker computes."""
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting_remote[req.request_id] = req
+
+    def remote_kv_arrived(self, req: Request) -> None:
+        """Its KV is installed (``num_computed_tokens`` set): decode it from now on."""
+        del self.waiting_remote[req.request_id]
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def remote_kv_failed(self, req: Request) -> None:
+        """Its KV never came: free the reservation and compute the prompt here."""
+        del self.waiting_remote[req.request_id]
+        self.bm.free(req.block_ids)
+        req.reset_kv()
+        req.num_cached_tokens = -1
+        req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
     @property
@@ -68,9 +99,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.config.chunk_size)
-            need = self.bm.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+            need = self.bm.blocks_for(req.num_kv_tokens + n) - len(req.block_ids)
             while not self.bm.can_allocate(need):
                 victim = self.running.pop()
+                out.compaction_lost += victim.compacted is not None or victim.private_from_block is not None
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -130,13 +162,13 @@ class Scheduler:
         if not self.config.enable_prefix_caching:
             return set()
         end = req.num_prompt_tokens // self.bm.block_size
+        if req.private_from_block is not None:  # lossy blocks are never cached: nobody waits on them
+            end = min(end, req.private_from_block)
         return set(req.block_hashes[req.num_cached_blocks:end])
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req.block_ids)
-        req.block_ids = []
-        req.num_computed_tokens = 0
-        req.num_cached_blocks = 0
+        req.reset_kv()
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -147,6 +179,8 @@ class Scheduler:
         req = chunk.request
         req.num_computed_tokens += chunk.num_new_tokens
         full = req.num_computed_tokens // self.bm.block_size
+        if req.private_from_block is not None:  # lossy KV from here on: never shared
+            full = min(full, req.private_from_block)
         if full > req.num_cached_blocks:
             self.bm.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
             req.num_cached_blocks = full
@@ -155,6 +189,8 @@ class Scheduler:
         """Remove a request (finished or aborted) and free its blocks."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.waiting_remote[req.request_id]
         elif not req.status.finished:
             self.waiting.remove(req)
         if req.block_ids:

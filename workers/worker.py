@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cluster.compression import CompressionSection
 from cluster.kv_events import KVEvent, KVSnapshot
 from cluster.kv_layout import KVLayout
 from workers.async_engine import AsyncEngine
@@ -37,6 +38,7 @@ class WorkerSpec:
     transfer_timeout_s: float = 30.0
     prefill_timeout_s: float = 120.0
     layerwise: bool = True  # ship each layer as soon as it is computed
+    compression: CompressionSection = CompressionSection()  # transfer.compression: the default payload
     # Prometheus endpoint of this worker: None = none; 0 = a free port.
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None
@@ -95,9 +97,26 @@ class WorkerBase:
         self.transfer_failures: Counter[str] = Counter()
         self.transfer_bytes = 0
         self.transfer_full_bytes = 0
+        # preset label -> [wire bytes, full bytes (cache dtype), full bytes (16-bit)], sender side
+        self.transfer_by_preset: dict[str, list[int]] = {}
+        self.compression_fallbacks: Counter[str] = Counter()  # this worker's; the engine counts its own
         self.metrics = WorkerMetrics(self)
         self.engine.scheduler.on_first_scheduled = self.metrics.queue_time.observe
         self.metrics_address = self._serve_metrics()
+
+    def count_transfer(self, preset: str, sent: int, full: int, full_16bit: int) -> None:
+        self.transfer_bytes += sent
+        self.transfer_full_bytes += full
+        row = self.transfer_by_preset.setdefault(preset, [0, 0, 0])
+        row[0] += sent
+        row[1] += full
+        row[2] += full_16bit
+
+    def fallbacks(self) -> dict[str, int]:
+        """Compressed handoffs that lost (part of) their compression, by reason."""
+        out = Counter(self.compression_fallbacks)
+        out.update(self.engine.stats.compression_fallbacks)
+        return dict(out)
 
     def _serve_metrics(self) -> str | None:
         spec = self.spec
@@ -136,6 +155,8 @@ class WorkerBase:
             role=self.spec.role, index=self.spec.index,
             transfer_failures=dict(self.transfer_failures),
             transfer_bytes=self.transfer_bytes, transfer_full_bytes=self.transfer_full_bytes,
+            transfer_by_preset={k: list(v) for k, v in self.transfer_by_preset.items()},
+            compression_fallbacks=self.fallbacks(),
         )
         return out
 
@@ -148,8 +169,11 @@ class WorkerBase:
 
     # ---- requests ---------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """The whole request on this worker (colocated mode, and the recompute path)."""
+    async def generate(
+        self, request_id: str, prompt: list[int], params: SamplingParams, compression: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """The whole request on this worker, its KV never compressed (``compression``
+        is for the colocated worker, which can run the codecs in process)."""
         async for out in self.aengine.generate(request_id, prompt, params, timeout_s=None):
             yield out
 
@@ -160,7 +184,7 @@ class WorkerBase:
         """Stop taking work: wait (bounded) for running requests, then stop the engine."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            busy = await self.aengine.run_on_engine(lambda: self.engine.has_unfinished or bool(self.engine.reserved))
+            busy = await self.aengine.run_on_engine(lambda: self.engine.has_unfinished or bool(self.engine.scheduler.waiting_remote))
             if not busy:
                 break
             await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.cluster import KVRelayCluster
 from cluster.config import ClusterConfig
-from cluster.kv_layout import LayoutMismatchError
+from cluster.kv_layout import WIRE_VERSION, LayoutMismatchError
 from cluster.worker_handle import WorkerDiedError
 from tests.integration.prompts import long_text
 from workers.sampling_params import SamplingParams
@@ -164,7 +164,7 @@ def test_mismatched_layout_is_refused_with_a_clear_message(inproc_cluster, token
         c.run(d.handle.call("reserve", "mm-1", tokenizer.encode("hello"), GREEDY, wrong, timeout_s=10))
     desc = c.run(d.handle.call("reserve", "mm-2", tokenizer.encode("hello"), GREEDY, p.layout, timeout_s=10))
     bad_desc = dataclasses.replace(desc, layout=dataclasses.replace(desc.layout, num_kv_heads=8, wire_version=99))
-    with pytest.raises(LayoutMismatchError, match=r"num_kv_heads: 3 vs 8.*wire_version: 1 vs 99"):
+    with pytest.raises(LayoutMismatchError, match=rf"num_kv_heads: 3 vs 8.*wire_version: {WIRE_VERSION} vs 99"):
         c.run(p.handle.call("prefill", "mm-2", tokenizer.encode("hello"), GREEDY, bad_desc, timeout_s=10))
     c.run(d.handle.call("abort", "mm-2", timeout_s=10))
     assert c.generate(tokenizer.encode("Still serving?"))  # nothing broke

@@ -28,6 +28,10 @@ class AttentionBatch:
     block_tables: list[list[int]]  # B lists of block ids covering seq_lens[b]
     slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset of each new token
     block_size: int
+    # Per sequence: None, or per layer the slot range [lo, hi) hidden from attention
+    # (the padding of a compacted cache whose layers keep different counts; see
+    # workers.request.CompactedKV). None for the whole batch when no sequence has any.
+    hidden_slots: list[list[tuple[int, int]] | None] | None = None
 
     @property
     def num_seqs(self) -> int:

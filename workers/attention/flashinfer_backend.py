@@ -5,6 +5,11 @@ anything with a prefill chunk uses ``BatchPrefillWithPagedKVCacheWrapper`` with
 ``causal=True`` (flashinfer aligns the causal mask to the end of the KV, which is
 exactly "new tokens after a cached prefix", and treats one-token queries as decode).
 New K/V are written into the pages with plain indexing before the kernel reads them.
+
+A step with a compacted sequence that hides padding slots in some layers (per-layer
+budgets, ``AttentionBatch.hidden_slots``) runs on the torch reference plan instead:
+flashinfer's paged decode kernel takes no mask, and one plan per layer would cost more
+than it saves at these sizes. Uniform budgets hide nothing and stay on flashinfer.
 """
 
 from __future__ import annotations
@@ -66,5 +71,9 @@ class FlashInferAttentionBackend:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
 
-    def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> FlashInferAttentionPlan:
+    def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int):
+        if batch.hidden_slots is not None:
+            from workers.attention.torch_backend import TorchAttentionPlan
+
+            return TorchAttentionPlan(batch, kv_cache)
         return FlashInferAttentionPlan(self, batch, kv_cache, num_heads)

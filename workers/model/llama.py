@@ -53,7 +53,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.rope = rope
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (output [T, hidden], the post-RoPE queries [T, Hq, D])."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = self.rope(positions, q, k)
         out = plan.run(self.layer, q, k, v)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.q_size))
+        return self.o_proj(out.reshape(T, self.q_size)), q
 
 
 class MLP(nn.Module):
@@ -85,9 +86,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden [T, hidden], this layer's post-RoPE queries [T, Hq, D])."""
+        attn, q = self.self_attn(positions, self.input_layernorm(x), plan)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), q
 
 
 class LlamaForCausalLM(nn.Module):
@@ -108,17 +111,19 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         plan: AttentionPlan,
-        after_layer: Callable[[int], None] | None = None,
+        after_layer: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [T] int64 -> final hidden states [T, hidden].
 
-        ``after_layer(i)`` runs once layer i's K/V are in the cache (the hook that
-        lets a prefill worker ship a layer while later layers still compute)."""
+        ``after_layer(i, q)`` runs once layer i's K/V are in the cache, with that
+        layer's post-RoPE queries ``q [T, Hq, D]``: the hook that lets a prefill worker
+        select (by the observation window's attention) and ship a layer while later
+        layers still compute."""
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x, plan)
+            x, q = layer(positions, x, plan)
             if after_layer is not None:
-                after_layer(i)
+                after_layer(i, q)
         return self.norm(x)
 
     @torch.inference_mode()
