@@ -87,7 +87,7 @@ def unknown_preset_message(name: str) -> str:
 class CompressionSection(BaseModel):
     """``transfer.compression`` in the config file: a preset, and any of its knobs
     overridden. ``settings()`` is the deployment's default; a request's
-    ``kv_compression`` field picks another preset (naming this one gets these settings)."""
+    ``kv_compression`` field picks a built-in preset instead."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,8 +120,10 @@ class CompressionSection(BaseModel):
         return CompressionSettings.model_validate({**base.model_dump(), **self.overrides()})
 
     def resolve(self, preset: str | None) -> tuple[str, CompressionSettings]:
-        """(label, settings) for a request's ``kv_compression`` (None: the default)."""
-        if preset is None or preset == self.preset:
+        """(label, settings) for a request's ``kv_compression``: None takes the
+        deployment's settings (labelled ``preset*`` when knobs are overridden); a name
+        takes that built-in preset as published, so ``none`` is always lossless."""
+        if preset is None:
             return self.preset if not self.overrides() else f"{self.preset}*", self.settings()
         if preset not in PRESETS:
             raise ValueError(unknown_preset_message(preset))

@@ -118,6 +118,12 @@ class WorkerMetrics:
             "kvrelay_kv_compression_kept_ratio", "Per request, the fraction of the shipped suffix's tokens a sparse payload kept "
             "(mean over layers)", ["role", "worker", "preset"], buckets=KEPT_FRACTION_BUCKETS, registry=self.registry,
         ), role, name)
+        if role != "decode":  # every sparse preset's series exists from the start
+            from cluster.compression import PRESETS
+
+            for preset, settings in PRESETS.items():
+                if settings.sparse:
+                    self.kept_fraction.labels(preset)
         self.registry.register(_WorkerCollector(worker, [role, name]))
         self._server = None
         self._thread: threading.Thread | None = None

@@ -89,7 +89,9 @@ class PrefillWorker(WorkerBase):
 
         def admit():
             self.engine.add_request(request_id, prompt, first_only)
-            holder["req"] = self.engine.requests[request_id]
+            holder["req"] = req = self.engine.requests[request_id]
+            if desc.plan.sparse:  # the selection scores with the whole window's queries
+                req.min_uncached_tokens = min(len(prompt), desc.plan.window)
 
         try:
             first = None

@@ -93,6 +93,9 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     compacted: CompactedKV | None = None
+    # Prompt tokens recomputed even on a full prefix-cache hit (at least the last one,
+    # for its logits; a sparse export needs its whole observation window's queries).
+    min_uncached_tokens: int = 1
     # KV from slot private_from_block * block_size on is lossy (compressed payload, or
     # computed over one): never registered in the prefix cache. None: all exact.
     private_from_block: int | None = None

@@ -121,8 +121,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             # A full prefix hit still recomputes the last block: one token must run
-            # through the model to produce logits.
-            usable = (req.num_tokens - 1) // self.bm.block_size
+            # through the model to produce logits (more if the request needs them).
+            usable = max(0, req.num_tokens - req.min_uncached_tokens) // self.bm.block_size
             prefix = self.bm.match_prefix(req.block_hashes[:usable])
             if prefix.num_blocks < usable and req.block_hashes[prefix.num_blocks] in computing:
                 # Its next block is being computed by a running request (a burst sharing

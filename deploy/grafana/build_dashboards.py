@@ -10,7 +10,8 @@ Edit this file, never the JSON.
 Every query uses the `datasource` variable and, besides it, only `$__rate_interval`,
 `$ttft_slo` and `$itl_slo`. Every query returns a series on a healthy cluster that has
 served a few requests: labelled counters are exported at 0 from the start, so nothing
-filters on a series that only appears after a failure.
+filters on a series that only appears after a failure (the byte counters under preset
+"none", fallbacks under every reason, the kept-ratio histogram under every sparse preset).
 
 Ratios of two rates (hit rates, SLO attainment) are left NaN when there is no traffic,
 which Grafana draws as a gap rather than a misleading 0; ratios whose idle value is
@@ -81,11 +82,20 @@ HIT_RATE_PER_WORKER = (
     f"sum by (worker) ({rate('kvrelay_prefix_cache_hit_tokens_total')})"
     f" / sum by (worker) ({rate('kvrelay_prefix_cache_query_tokens_total')})"
 )
+# The byte counters carry a `preset` label (the compression preset of each handoff);
+# these sums add every preset up.
 WIRE_BYTES = f"sum({rate('kvrelay_kv_transfer_bytes_total')})"
-FULL_BYTES = f"sum({rate('kvrelay_kv_transfer_full_bytes_total')})"
+FULL_BYTES = f"sum({rate('kvrelay_kv_transfer_full_bytes_total')})"  # in the KV cache's dtype
+FULL_16BIT_BYTES = f"sum({rate('kvrelay_kv_transfer_full_16bit_bytes_total')})"  # the same KV in 16 bits
 # At least one byte per second in the denominator: an idle link reads 0, not NaN.
 COMPRESSION = f"{FULL_BYTES} / clamp_min({WIRE_BYTES}, 1)"
 BYTES_SAVED = f"({FULL_BYTES} - {WIRE_BYTES}) / clamp_min({FULL_BYTES}, 1)"
+# Per preset: the ratio compression is quoted as (against the same prompts' KV in 16 bits),
+# and against the cache dtype. Left NaN (a gap) for a preset with no traffic in the window.
+WIRE_BY_PRESET = f"sum by (preset) ({rate('kvrelay_kv_transfer_bytes_total')})"
+RATIO_16BIT_BY_PRESET = f"sum by (preset) ({rate('kvrelay_kv_transfer_full_16bit_bytes_total')}) / {WIRE_BY_PRESET}"
+RATIO_CACHE_BY_PRESET = f"sum by (preset) ({rate('kvrelay_kv_transfer_full_bytes_total')}) / {WIRE_BY_PRESET}"
+FALLBACKS_BY_REASON = f"sum by (reason) ({rate('kvrelay_kv_compression_fallbacks_total')})"
 TRANSFERS = f"sum({rate('kvrelay_kv_transfer_seconds_count')})"
 FAILURES = f"sum({rate('kvrelay_kv_transfer_failures_total')})"
 # As in the KVRelayTransferFailures alert: failures / (successful transfers + failures).
@@ -327,8 +337,9 @@ def transfer() -> dict:
     panels = [
         panel("stat", "On the wire", "KV payload bytes per second the prefill workers put on the wire.",
               [(WIRE_BYTES, "wire")], w=4, h=4, unit="Bps"),
-        panel("stat", "Compression ratio", "Full-prompt KV bytes over bytes on the wire (dedup, sparse, "
-              "quantization together). 0 while idle.", [(COMPRESSION, "ratio")], w=4, h=4, unit="suffix:×"),
+        panel("stat", "Compression ratio", "Full-prompt KV bytes (in the cache dtype) over bytes on the wire "
+              "(dedup, sparse, quantization together), every preset. 0 while idle.", [(COMPRESSION, "ratio")],
+              w=4, h=4, unit="suffix:×"),
         panel("stat", "Bytes saved", "Share of the full-prompt KV bytes that did not travel.",
               [(BYTES_SAVED, "saved")], w=4, h=4, unit="percentunit", min=0, max=1),
         panel("stat", "Transfer p99", "99th percentile of first page sent to decode worker's ack.",
@@ -341,15 +352,37 @@ def transfer() -> dict:
               w=4, h=4, unit="reqps", steps=[(0.01, "orange")]),
         row("Bytes"),
         panel("timeseries", "KV bytes: on the wire vs full", "What crossed the wire, and what shipping every "
-              "prompt page uncompressed would have cost.",
-              [(WIRE_BYTES, "on the wire"), (FULL_BYTES, "full KV (uncompressed)")], w=12, unit="Bps", min=0),
-        panel("timeseries", "Compression ratio", "Full-prompt KV bytes over bytes on the wire.",
-              [(COMPRESSION, "full / wire")], w=12, unit="suffix:×", min=0),
+              "prompt page uncompressed would have cost: in the KV cache's dtype, and in 16 bits (what "
+              "compression ratios are quoted against).",
+              [(WIRE_BYTES, "on the wire"), (FULL_BYTES, "full KV (uncompressed)"),
+               (FULL_16BIT_BYTES, "full KV (16-bit)")], w=12, unit="Bps", min=0),
+        panel("timeseries", "Compression ratio", "Full-prompt KV bytes (cache dtype) over bytes on the wire, "
+              "every preset.", [(COMPRESSION, "full / wire")], w=12, unit="suffix:×", min=0),
         panel("timeseries", "Bytes on the wire per prefill worker", "KV payload bytes per second each prefill "
               "worker sends.", [(f"sum by (worker) ({rate('kvrelay_kv_transfer_bytes_total')})", "{{worker}}")],
               w=12, unit="Bps", min=0),
         panel("timeseries", "Transfer latency", "First page sent to the decode worker's ack, successful transfers.",
               quantiles("kvrelay_kv_transfer_seconds", (0.5, 0.99)), w=12, unit="s", min=0),
+        row("Compression"),
+        panel("timeseries", "Compression ratio per preset (vs 16-bit KV)", "Per compression preset: the "
+              "prompts' KV in 16 bits over the bytes that crossed the wire (dedup, sparse selection and "
+              "quantization together), the ratio compression is quoted as. A preset labelled <name>* is the "
+              "deployment's default with overrides. A gap: no traffic under that preset.",
+              [(RATIO_16BIT_BY_PRESET, "{{preset}}")], w=12, unit="suffix:×", min=0),
+        panel("timeseries", "Compression ratio per preset (vs cache dtype)", "Per compression preset: the "
+              "prompts' KV in the KV cache's own dtype over the bytes that crossed the wire, what the "
+              "deployment saves on its link. A gap: no traffic under that preset.",
+              [(RATIO_CACHE_BY_PRESET, "{{preset}}")], w=12, unit="suffix:×", min=0),
+        panel("timeseries", "Compression fallbacks by reason", "Compressed handoffs per second that lost (part "
+              "of) their compression: guard (the quality guard raised a layer's budget, prefill side), "
+              "capacity (no room for that on the decode worker), preempted, codec (a malformed payload; the "
+              "request is recomputed at full size).", [(FALLBACKS_BY_REASON, "{{reason}}")],
+              w=12, unit="ops", min=0),
+        panel("timeseries", "Kept ratio per preset (sparse)", "Per request, the fraction of the shipped "
+              "suffix's tokens a sparse payload kept (mean over layers): p10 / p50 / p90 per sparse preset. "
+              "No data (NaN) until a sparse payload ships under that preset.",
+              quantiles("kvrelay_kv_compression_kept_ratio", (0.1, 0.5, 0.9), by="preset"),
+              w=12, unit="percentunit", min=0, max=1),
         row("Failures"),
         panel("timeseries", "Transfers and failures", "Successful transfers per second, and failures per second "
               "by reason (counted by whichever side saw it).",

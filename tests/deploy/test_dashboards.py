@@ -4,7 +4,9 @@ metric contract (names, labels, label values, template variables).
 The last test replays what the live test does on a real cluster, offline: every query,
 with $__rate_interval = 1m and the SLO variables at their current values, must return
 a series on a synthetic healthy cluster that exports exactly the contract's series (and
-no more: e.g. only prefill workers export transfer bytes), evaluated by real promtool."""
+no more: e.g. only the senders, prefill workers, export transfer bytes, and only under
+the default preset "none"; no sparse payload has been observed yet, no compression fallen
+back), evaluated by real promtool."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsonschema
@@ -23,8 +25,9 @@ import yaml
 from prometheus_client.utils import floatToGoString
 
 # Label values and buckets come from the code that exports them (one source for the contract).
+from cluster.compression import PRESETS
 from router.metrics import E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS
-from workers.metrics import QUEUE_TIME_BUCKETS, TRANSFER_BUCKETS
+from workers.metrics import FALLBACK_REASONS, KEPT_FRACTION_BUCKETS, QUEUE_TIME_BUCKETS, TRANSFER_BUCKETS
 from workers.metrics import TRANSFER_FAILURE_REASONS as REASONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +46,12 @@ PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "state
 ROUTER = "router"
 ROLES = ("prefill", "decode", "colocated")
 POOLS = ("prefill", "decode", "colocated")
+# The preset label: a preset's name, or "<name>*" for the deployment's default with overrides.
+PRESET_LABELS = (*PRESETS, *(f"{p}*" for p in PRESETS))
+SPARSE_PRESETS = tuple(p for p, s in PRESETS.items() if s.sparse)
+# Senders of KV payloads: prefill workers, and colocated ones running a compressing preset
+# against themselves (in process). Decode workers' byte series stay at 0.
+SENDERS = ("prefill", "colocated")
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,9 @@ class Metric:
     exported_by: tuple[str, ...]  # ("router",) or the worker roles whose processes export it
     labels: tuple[str, ...] = ()  # besides role/worker on worker series and le on buckets
     buckets: tuple[float, ...] = ()
+    # label -> the values exported from the start (at 0), where they differ from LABEL_VALUES'
+    initial: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> every legal value, if not LABEL_VALUES'
 
 
 ALL_WORKERS = ROLES
@@ -77,13 +89,26 @@ CONTRACT = {
     "kvrelay_running_requests": Metric("gauge", ALL_WORKERS),
     "kvrelay_waiting_requests": Metric("gauge", ALL_WORKERS),
     "kvrelay_preemptions_total": Metric("counter", ALL_WORKERS),
-    "kvrelay_kv_transfer_bytes_total": Metric("counter", ("prefill",)),
-    "kvrelay_kv_transfer_full_bytes_total": Metric("counter", ("prefill",)),
+    # Bytes per compression preset; only "none" exists from the start.
+    "kvrelay_kv_transfer_bytes_total": Metric("counter", SENDERS, ("preset",), initial={"preset": ("none",)}),
+    "kvrelay_kv_transfer_full_bytes_total": Metric("counter", SENDERS, ("preset",), initial={"preset": ("none",)}),
+    "kvrelay_kv_transfer_full_16bit_bytes_total": Metric("counter", SENDERS, ("preset",),
+                                                         initial={"preset": ("none",)}),
+    "kvrelay_kv_compression_fallbacks_total": Metric("counter", ALL_WORKERS, ("reason",),
+                                                     values={"reason": FALLBACK_REASONS}),
+    # Observed per sparse handoff; exported (empty) from the start under every sparse preset.
+    "kvrelay_kv_compression_kept_ratio": Metric("histogram", SENDERS, ("preset",), buckets=KEPT_FRACTION_BUCKETS,
+                                                initial={"preset": SPARSE_PRESETS}),
     "kvrelay_kv_transfer_seconds": Metric("histogram", ("prefill",), buckets=TRANSFER_BUCKETS),
     "kvrelay_kv_transfer_failures_total": Metric("counter", ("prefill", "decode"), ("reason",)),
     "kvrelay_kv_recomputes_total": Metric("counter", ("decode", "colocated")),
 }
-LABEL_VALUES = {"role": ROLES, "status": STATUSES, "reason": REASONS, "pool": POOLS}
+LABEL_VALUES = {"role": ROLES, "status": STATUSES, "reason": REASONS, "pool": POOLS, "preset": PRESET_LABELS}
+
+
+def legal_values(series: str, label: str) -> tuple[str, ...] | None:
+    _, m = series_names()[series]
+    return m.values.get(label, LABEL_VALUES.get(label))
 
 
 def series_names() -> dict[str, tuple[str, Metric]]:
@@ -291,9 +316,9 @@ def test_queries_use_contract_metrics_labels_and_values(dashboard, title, expr):
             slo = {"kvrelay_time_to_first_token_seconds_bucket": "$ttft_slo",
                    "kvrelay_inter_token_latency_seconds_bucket": "$itl_slo"}
             assert (op, value) == ("=", slo.get(series)), f"le matcher {value!r} on {series}"
-        elif label in LABEL_VALUES:
+        elif legal_values(series, label) is not None:
             values = value.split("|") if op in ("=~", "!~") else [value]
-            assert set(values) <= set(LABEL_VALUES[label]), f"{label} values {values}"
+            assert set(values) <= set(legal_values(series, label)), f"{label} values {values} on {series}"
 
 
 def test_every_panel_kind_of_the_brief_is_there():
@@ -309,10 +334,18 @@ def test_every_panel_kind_of_the_brief_is_there():
               "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "prefill_computed_tokens_total",
               "router_decisions_total", "router_index_blocks", "preemptions_total"):
         assert f"kvrelay_{m}" in kv, m
-    for m in ("kv_transfer_bytes_total", "kv_transfer_full_bytes_total", "kv_transfer_seconds_bucket",
-              "kv_transfer_failures_total", "kv_recomputes_total"):
+    for m in ("kv_transfer_bytes_total", "kv_transfer_full_bytes_total", "kv_transfer_full_16bit_bytes_total",
+              "kv_transfer_seconds_bucket", "kv_transfer_failures_total", "kv_recomputes_total",
+              "kv_compression_fallbacks_total", "kv_compression_kept_ratio_bucket"):
         assert f"kvrelay_{m}" in transfer, m
     assert "sum by (reason)" in transfer and "clamp_min" in transfer
+    transfer_exprs = [e for d, _, e in ALL_TARGETS if d == "kvrelay-transfer"]
+    # Compression ratio per preset, against 16-bit KV and against the cache dtype.
+    wire = "sum by (preset) (rate(kvrelay_kv_transfer_bytes_total[$__rate_interval]))"
+    for full in ("kvrelay_kv_transfer_full_16bit_bytes_total", "kvrelay_kv_transfer_full_bytes_total"):
+        assert f"sum by (preset) (rate({full}[$__rate_interval])) / {wire}" in transfer_exprs, full
+    assert "sum by (reason) (rate(kvrelay_kv_compression_fallbacks_total[$__rate_interval]))" in transfer_exprs
+    assert "sum by (le, preset) (rate(kvrelay_kv_compression_kept_ratio_bucket" in transfer
     for m in ("worker_up", "worker_restarts_total", "running_requests", "waiting_requests", "kv_cache_usage_ratio"):
         assert f"kvrelay_{m}" in workers, m
 
@@ -375,7 +408,7 @@ STEPS, EVAL_TIME = 20, "5m"  # 15 s samples over 5 minutes
 def label_sets(m: Metric, workers: list[tuple[str, str]], pools: list[str]) -> list[dict]:
     """Every label combination the contract pre-initialises."""
     choices = {"status": STATUSES, "reason": REASONS, "pool": pools, "policy": ["kv_aware"],
-               "worker": [w for _, w in workers]}
+               "worker": [w for _, w in workers], **m.values, **m.initial}
     if m.labels == ("role", "worker"):
         return [{"role": r, "worker": w} for r, w in workers]
     return [dict(zip(m.labels, combo)) for combo in itertools.product(*(choices[l] for l in m.labels))]
@@ -385,8 +418,11 @@ def healthy_cluster(mode: str) -> list[dict]:
     """promtool input series: a cluster that serves requests steadily, nothing failing."""
     roles = {"disaggregated": ("prefill", "decode"), "colocated": ("colocated",)}[mode]
     workers = [(role, f"{role}-{i}") for role in roles for i in range(2)]
+    # Nothing failing, and every request under the default preset "none" (lossless): no
+    # compression fallbacks, no sparse payloads (their histogram stays empty).
     quiet = {"kvrelay_kv_transfer_failures_total", "kvrelay_kv_recomputes_total", "kvrelay_preemptions_total",
-             "kvrelay_router_index_evictions_total", "kvrelay_worker_restarts_total"}
+             "kvrelay_router_index_evictions_total", "kvrelay_worker_restarts_total",
+             "kvrelay_kv_compression_fallbacks_total", "kvrelay_kv_compression_kept_ratio"}
     gauges = {"kvrelay_worker_up": "1", "kvrelay_kv_cache_usage_ratio": "0.4", "kvrelay_running_requests": "2",
               "kvrelay_waiting_requests": "0", "kvrelay_router_index_blocks": "120"}
     out = []
@@ -404,13 +440,13 @@ def healthy_cluster(mode: str) -> list[dict]:
         for process, labels in itertools.product(processes, label_sets(m, workers, list(roles))):
             labels = {**process, **labels}
             if m.kind == "histogram":
-                # 2 observations per 15 s, all in the middle bucket.
-                middle = m.buckets[len(m.buckets) // 2]
+                # 2 observations per 15 s, all in the middle bucket (none if quiet).
+                middle, n = m.buckets[len(m.buckets) // 2], 0 if name in quiet else 2
                 for b in (*m.buckets, float("inf")):
                     add(f"{name}_bucket", {**labels, "le": floatToGoString(b)},
-                        f"0+{2 if b >= middle else 0}x{STEPS}")
-                add(f"{name}_count", labels, f"0+2x{STEPS}")
-                add(f"{name}_sum", labels, f"0+{2 * middle}x{STEPS}")
+                        f"0+{n if b >= middle else 0}x{STEPS}")
+                add(f"{name}_count", labels, f"0+{n}x{STEPS}")
+                add(f"{name}_sum", labels, f"0+{n * middle}x{STEPS}")
             elif m.kind == "gauge":
                 add(name, labels, f"{gauges[name]}x{STEPS}")
             else:

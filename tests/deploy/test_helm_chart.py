@@ -47,7 +47,8 @@ if helm_python is None and HELM_BIN is None:  # pragma: no cover
     pytest.skip("neither helm-python-sdk nor a helm binary is installed", allow_module_level=True)
 
 # The value sets: the chart's defaults and every helm/kvrelay/ci/*-values.yaml
-# (chart-testing's convention): GPU production, hostPath + chart-made Secret, colocated CPU.
+# (chart-testing's convention): GPU production, hostPath + chart-made Secret, colocated CPU,
+# compressed KV handoffs (a preset with overrides).
 VALUE_SETS: dict[str, dict] = {"default": {}}
 for _p in sorted((CHART / "ci").glob("*-values.yaml")):
     VALUE_SETS[_p.name.removesuffix("-values.yaml")] = yaml.safe_load(_p.read_text()) or {}
@@ -180,7 +181,7 @@ def test_lint_reports_bad_values():
 
 
 def test_value_sets_cover_the_deployment_shapes():
-    assert {"default", "gpu-prod", "hostpath", "colocated-cpu"} <= set(VALUE_SETS)
+    assert {"default", "gpu-prod", "hostpath", "colocated-cpu", "compression"} <= set(VALUE_SETS)
 
 
 @pytest.mark.parametrize("set_name", list(VALUE_SETS))
@@ -303,6 +304,14 @@ def test_long_release_names_fit_kuberay():
     ({"config.router.api_key": "k"}, ["/config/router", "api_key"]),  # keys come from a Secret
     ({"config.pools.prefill_workers": 2}, ["/config/pools", "prefill_workers"]),
     ({"config.transfer.transport": "nccl"}, ["/config/transfer/transport"]),
+    ({"config.transfer.compression.preset": "lossless"}, ["/config/transfer/compression/preset", "balanced"]),
+    ({"config.transfer.compression.keep": 0}, ["/config/transfer/compression/keep"]),
+    ({"config.transfer.compression.keep": 1.5}, ["/config/transfer/compression/keep"]),
+    ({"config.transfer.compression.kernel": 32}, ["/config/transfer/compression/kernel"]),  # odd only
+    ({"config.transfer.compression.quantization": "int2"}, ["/config/transfer/compression/quantization", "int4"]),
+    ({"config.transfer.compression.group_size": 33}, ["/config/transfer/compression/group_size"]),
+    ({"config.transfer.compression.budgets": "triangle"}, ["/config/transfer/compression/budgets"]),
+    ({"config.transfer.compression.ratio": 4}, ["/config/transfer/compression", "ratio", "not allowed"]),
     ({"service.type": "Ingress"}, ["/service/type"]),
     ({"metrics.workerPort": 70000}, ["/metrics/workerPort"]),
     ({"metrics.prometheusRule.interval": "1m"}, ["/metrics/prometheusRule", "interval", "not allowed"]),
@@ -400,6 +409,7 @@ def test_serve_config_is_valid_for_ray_serve_and_kvrelay(set_name):
 
 @pytest.mark.parametrize("set_name", list(VALUE_SETS))
 def test_values_reach_the_cluster_config(set_name):
+    from cluster.compression import CompressionSection
     from cluster.config import ClusterConfig
 
     values = VALUE_SETS[set_name]
@@ -409,6 +419,8 @@ def test_values_reach_the_cluster_config(set_name):
     assert config.router.policy == vconf.get("router", {}).get("policy", "kv_aware")
     assert config.engine.block_size == vconf.get("engine", {}).get("block_size", 16)
     assert config.transfer.layerwise == vconf.get("transfer", {}).get("layerwise", True)
+    compression = vconf.get("transfer", {}).get("compression", {})
+    assert config.transfer.compression == CompressionSection(**{"preset": "none", **compression})
     metrics = values.get("metrics", {})
     assert config.metrics.enabled == metrics.get("enabled", True)
     assert config.metrics.worker_port == metrics.get("workerPort", 9400)
@@ -477,6 +489,55 @@ def test_schema_config_keys_are_cluster_config_keys():
         assert not offered & chart_owned.get(name, set()), f"config.{name} offers chart-owned keys"
     for name, keys in chart_owned.items():
         assert keys <= fields[name], f"the chart sets {sorted(keys - fields[name])} unknown in {name}"
+
+
+def test_schema_compression_matches_kvrelay():
+    """config.transfer.compression offers exactly CompressionSection's keys, and its enums
+    are kvrelay's presets and literals (a new preset or quantizer must reach the chart)."""
+    import typing
+
+    from cluster.compression import PRESETS, CompressionSection, CompressionSettings
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    comp = schema["properties"]["config"]["properties"]["transfer"]["properties"]["compression"]
+    assert comp["additionalProperties"] is False
+    assert set(comp["properties"]) == set(CompressionSection.model_fields)
+    assert comp["properties"]["preset"]["enum"] == list(PRESETS)
+    for key in ("mode", "pooling", "quantization"):
+        literal = typing.get_args(CompressionSettings.model_fields[key].annotation)
+        assert comp["properties"][key]["enum"] == list(literal), key
+
+
+def test_compression_values_reach_the_cluster_config():
+    from cluster.config import ClusterConfig
+
+    values = VALUE_SETS["compression"]["config"]["transfer"]["compression"]
+    config = ClusterConfig.build(app_args(only(rendered("compression"), "RayService")))
+    section = config.transfer.compression
+    assert section.preset == "balanced" and section.overrides() == {k: v for k, v in values.items() if k != "preset"}
+    settings = section.settings()
+    assert (settings.mode, settings.quantization) == ("sparse", "int4")  # from the preset
+    assert (settings.keep, settings.kernel, settings.pooling, settings.budgets) == (0.4, 31, "max", "pyramid")
+    # The deployment's default carries its overrides (and says so in its metrics label);
+    # a request naming another preset gets that preset as defined.
+    assert section.resolve(None) == ("balanced*", settings)
+    assert section.resolve("int8")[0] == "int8"
+
+
+@pytest.mark.parametrize("compression", [
+    {"preset": "balanced", "token_budget": 16},  # below sinks + window (4 + 32), which are always kept
+    {"preset": "none", "mode": "sparse", "window": 8, "sinks": 0, "token_budget": 4},
+])
+def test_kvrelay_refuses_what_the_schema_lets_through(compression):
+    """A combination a schema cannot check passes Helm; kvrelay's parser refuses it when
+    the application is built (the deploy fails), naming the field."""
+    from cluster.config import ClusterConfig
+
+    args = app_args(only(render_objects(with_values({}, **{"config.transfer.compression": compression})), "RayService"))
+    assert args["transfer"]["compression"] == compression
+    with pytest.raises(ValueError) as e:
+        ClusterConfig.build(args)
+    assert "token_budget" in str(e.value) and "sinks + window" in str(e.value)
 
 
 # ---- Placement: head hosts no workers, groups pinned by custom resources ---------------
@@ -774,6 +835,17 @@ def test_notes_tell_how_to_reach_the_api_and_metrics():
     assert 'curl -s http://127.0.0.1:8000/v1/models -H "Authorization: Bearer $KVRELAY_API_KEY"' in notes
     assert "get secret kvrelay-api" in notes and "{.data.token}" in notes
     assert "/metrics" in notes and "9400" in notes
+
+
+def test_notes_tell_the_compression_preset():
+    if helm_python is None:
+        pytest.skip("helm template does not render NOTES.txt")
+    notes = _render_texts(CHART, {}, NAME)["kvrelay/templates/NOTES.txt"]
+    assert "KV compression (config.transfer.compression): preset none." in notes
+    assert '"kv_compression": none | int8 | fp8 | int4 | balanced | max' in notes
+    notes = _render_texts(CHART, VALUE_SETS["compression"], NAME)["kvrelay/templates/NOTES.txt"]
+    assert "preset balanced, overriding budgets, group_size, guard, keep, kernel" in notes
+    assert 'preset label reads "balanced*"' in notes
 
 
 # ---- 6. Grafana dashboards --------------------------------------------------------------

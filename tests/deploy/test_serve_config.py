@@ -2,6 +2,7 @@
 builder and whose args kvrelay's own config parser accepts."""
 
 import importlib
+import re
 from pathlib import Path
 
 import yaml
@@ -19,3 +20,17 @@ def test_serve_config_points_at_the_builder_with_valid_args():
     config = ClusterConfig.build(app["args"])
     assert config.router.port == doc["http_options"]["port"]
     assert config.router.policy == "kv_aware"
+
+
+def test_serve_config_names_a_compression_preset_and_lists_them_all():
+    from cluster.compression import PRESETS
+
+    text = SERVE_CONFIG.read_text()
+    (app,) = yaml.safe_load(text)["applications"]
+    assert app["args"]["transfer"]["compression"] == {"preset": "none"}
+    config = ClusterConfig.build(app["args"])
+    assert config.transfer.compression.preset == "none" and config.transfer.compression.settings().lossless
+    # The comment above the section lists every preset kvrelay knows, one a line.
+    comment = text[text.index("transfer:"):text.index("compression:")]
+    listed = set(re.findall(r"^\s*#\s+(\w+)\s", comment, re.M))
+    assert set(PRESETS) <= listed, sorted(set(PRESETS) - listed)

@@ -258,3 +258,27 @@ def test_metrics_and_request_ids(server, client):
     assert "kvrelay_kv_cache_usage_ratio" in workers["decode"]
     r = httpx.get(f"{server}/v1/models", headers={"authorization": f"Bearer {KEY}", "x-request-id": "my-id-1"})
     assert r.headers["x-request-id"] == "my-id-1"
+
+
+def test_kv_compression_field_on_both_endpoints(server, client, tokenizer):
+    """A request picks its KV payload preset; an unknown one is a 400 naming the presets."""
+    from cluster.compression import PRESETS
+
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi"}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})):
+        r = _post(server, path, {**body, "kv_compression": "ultra"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "kv_compression" and all(p in err["message"] for p in PRESETS), err
+        r = _post(server, path, {**body, "kv_compression": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_compression"
+    # Through the official client (extra_body), on a prompt long enough to be sparsified.
+    messages = [{"role": "user", "content": "Summarize in one line: " + "The cluster ships KV between pools. " * 40}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"kv_compression": "balanced"})
+    assert r.choices[0].message.content and r.usage.completion_tokens >= 1
+    groups = httpx.get(f"{server}/metrics/targets", timeout=10).json()
+    scraped = "".join(httpx.get(f"http://{t}/metrics", timeout=10).text for g in groups for t in g["targets"])
+    sent = [line for line in scraped.splitlines()
+            if line.startswith("kvrelay_kv_transfer_bytes_total") and 'preset="balanced"' in line and 'role="prefill"' in line]
+    assert sent and float(sent[0].rsplit(" ", 1)[1]) > 0

@@ -29,6 +29,8 @@ WORKER_METRICS = {
     "kvrelay_running_requests", "kvrelay_waiting_requests", "kvrelay_preemptions_total",
     "kvrelay_kv_transfer_bytes_total", "kvrelay_kv_transfer_full_bytes_total", "kvrelay_kv_transfer_seconds_bucket",
     "kvrelay_kv_transfer_failures_total", "kvrelay_kv_recomputes_total",
+    "kvrelay_kv_transfer_full_16bit_bytes_total", "kvrelay_kv_compression_fallbacks_total",
+    "kvrelay_kv_compression_kept_ratio_bucket",
 }
 SYSTEM = "You are a terse assistant for a platform team. Answer in one short sentence."
 
@@ -98,6 +100,12 @@ def test_the_metric_contract_is_exact(stack):
             assert {"role", "worker"} <= set(s["metric"]), (name, s["metric"])
     reasons = prom.query("kvrelay_kv_transfer_failures_total")["data"]["result"]
     assert {"timeout", "peer"} <= {s["metric"]["reason"] for s in reasons}
+    # Byte counters per compression preset; fallbacks by reason, each from the start.
+    for name in ("kvrelay_kv_transfer_bytes_total", "kvrelay_kv_transfer_full_bytes_total",
+                 "kvrelay_kv_transfer_full_16bit_bytes_total"):
+        assert "none" in {s["metric"]["preset"] for s in prom.query(name)["data"]["result"]}, name
+    fallbacks = prom.query("kvrelay_kv_compression_fallbacks_total")["data"]["result"]
+    assert {s["metric"]["reason"] for s in fallbacks} == {"guard", "capacity", "preempted", "codec"}
 
 
 def test_the_load_is_visible(stack):

@@ -1,0 +1,53 @@
+"""Compression settings fail at the edge with the field named; a peer with another
+codec version is refused at handshake; the payload plan is a pure function of the
+prompt's numbers (the decode worker posts its receives before the prefill runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cluster.compression import CODEC_VERSION, PRESETS, CompressionSection
+from cluster.config import ClusterConfig, ConfigError
+from cluster.kv_layout import KVLayout, LayoutMismatchError
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"transfer.compression.keep": 0}, "keep"),
+    ({"transfer.compression.keep": 1.5}, "keep"),
+    ({"transfer.compression.preset": "ultra"}, "unknown kv_compression preset 'ultra'"),
+    ({"transfer.compression.mode": "sparse", "transfer.compression.token_budget": 20}, "token_budget (20) is below sinks + window"),
+    ({"transfer.compression.kernel": 8}, "kernel must be odd"),
+    ({"transfer.compression.quantization": "int3"}, "quantization"),
+    ({"transfer.compression.budgets": "steep"}, "budgets must be uniform, pyramid"),
+    ({"transfer.compression.shadow": 1}, "shadow: unknown key"),
+])
+def test_bad_settings_are_refused_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        ClusterConfig.build({}, overrides)
+    assert field in str(e.value)
+
+
+def test_unknown_preset_lists_every_preset():
+    with pytest.raises(ConfigError) as e:
+        ClusterConfig.build({}, {"transfer.compression.preset": "ultra"})
+    assert all(p in str(e.value) for p in PRESETS)
+    with pytest.raises(ValueError, match="choose one of: none, int8"):
+        CompressionSection().resolve("ultra")
+
+
+def test_presets_resolve_and_overrides_are_labelled():
+    sec = ClusterConfig.build({}, {"transfer.compression.preset": "balanced", "transfer.compression.keep": 0.3}).transfer.compression
+    label, s = sec.resolve(None)
+    assert label == "balanced*" and s.keep == 0.3 and s.sparse and s.quantization == "int4"
+    label, s = sec.resolve("none")  # a named preset is the built-in one: none is lossless
+    assert label == "none" and s.lossless
+    assert sec.resolve("max")[1] == PRESETS["max"]
+
+
+def test_a_peer_with_another_codec_version_is_refused_naming_it():
+    ours = KVLayout("m", "float32", 30, 3, 64, 16)
+    theirs = dataclasses.replace(ours, codec_version=CODEC_VERSION + 1)
+    with pytest.raises(LayoutMismatchError, match=f"codec_version: {CODEC_VERSION} vs {CODEC_VERSION + 1}"):
+        ours.check_peer(theirs, "decode worker")
