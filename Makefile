@@ -40,6 +40,7 @@ bench: setup system-deps
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.transfer
 	$(BIN)/python -m bench.disagg
+	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.dashboards
 
