@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class ClusterCounters:
     requests: int = 0
     prefill_failures: int = 0  # prefill worker died or timed out: decode recomputed
     decode_retries: int = 0  # decode worker died before the first token: retried elsewhere
+    shadow_samples: int = 0  # lossy handoffs also decoded on full KV (shadow sampling)
 
 
 Chooser = Callable[[list[WorkerState], list[WorkerState], list[int]], tuple[WorkerState | None, WorkerState]]
@@ -54,6 +56,11 @@ class KVRelayCluster:
         self.counters = ClusterCounters()
         self._rr = itertools.count()
         self._choose = choose or self._default_choice
+        # Shadow sampling result: (preset label, fraction of the first k greedy tokens
+        # identical to full KV); the router exports it as a histogram.
+        self.on_shadow: Callable[[str, float], None] | None = None
+        self._shadow_rng = random.Random(0)
+        self._background: set[asyncio.Task] = set()
         pools = config.pools
 
         def res(custom: dict[str, float]) -> Resources:
@@ -189,16 +196,53 @@ class KVRelayCluster:
                 self.counters.prefill_failures += 1
                 self.prefill.mark_down(p.handle)
                 log.warning("%s: prefill on %s failed (%s); decode worker recomputes", rid, p.handle.name, e)
+            shadow = None
             if first is not None:
+                shadow = self._maybe_shadow(rid, prompt, params, p, desc.plan, first.first_token)
                 yield RequestOutput(rid, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
                                     False, None, first.num_prompt_tokens, first.num_cached_tokens, 1)
             args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None)
+            seen = [first.first_token] if first is not None else []
             async for out in d.handle.stream("decode", *args, item_timeout_s=dl.token_s):
                 finished = out.finished  # before yielding: the caller may stop at the last one
+                if shadow is not None:
+                    seen += out.new_token_ids
+                    if out.finished or len(seen) >= shadow[1]:
+                        self._spawn(self._score_shadow(shadow[0], seen[: shadow[1]], desc.plan.preset))
+                        shadow = None
                 yield out
         finally:
             if not finished:  # cancelled, failed or abandoned: free the blocks on D
                 await self._abort_quietly(d, rid)
+
+    # ---- shadow sampling ----------------------------------------------------------------
+
+    def _maybe_shadow(self, rid, prompt, params, p: WorkerState, plan, first_token: int):
+        """Start a full-KV greedy decode of the first k tokens on the prefill worker for
+        a sampled fraction of greedy requests with a lossy payload: (task, k) or None."""
+        comp = self.config.transfer.compression
+        if plan.identity or not params.greedy or comp.shadow_fraction <= 0 or self._shadow_rng.random() >= comp.shadow_fraction:
+            return None
+        k = min(comp.shadow_tokens, params.max_tokens)
+        self.counters.shadow_samples += 1
+        call = p.handle.call("shadow_decode", rid, prompt, first_token, k, timeout_s=self.config.deadlines.prefill_s)
+        return asyncio.ensure_future(call), k
+
+    async def _score_shadow(self, task: asyncio.Future, seen: list[int], preset: str) -> None:
+        try:
+            full = await task
+        except Exception as e:  # a shadow never affects the request
+            log.debug("shadow decode failed: %s", e)
+            return
+        n = min(len(full), len(seen))
+        agree = next((i for i in range(n) if full[i] != seen[i]), n)
+        if self.on_shadow is not None and n:
+            self.on_shadow(preset, agree / n)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _abort_quietly(self, w: WorkerState, rid: str) -> None:
         try:

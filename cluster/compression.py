@@ -104,6 +104,11 @@ class CompressionSection(BaseModel):
     group_size: int | None = None
     guard: float | None = None
     min_tokens: int | None = None
+    # Shadow sampling (off by default): this fraction of greedy requests with a lossy
+    # payload also decodes its first shadow_tokens on full KV on the prefill worker, and
+    # the router records the greedy agreement (kvrelay_kv_shadow_agreement{preset}).
+    shadow_fraction: float = Field(0.0, ge=0, le=1)
+    shadow_tokens: int = Field(16, ge=1, le=256)
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionSection":
@@ -113,7 +118,9 @@ class CompressionSection(BaseModel):
         return self
 
     def overrides(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        """The knobs set over the preset's (shadow sampling is not a payload knob)."""
+        skip = {"preset", "shadow_fraction", "shadow_tokens"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
     def settings(self) -> CompressionSettings:
         base = PRESETS[self.preset]

@@ -93,4 +93,7 @@ class RouterMetrics:
         self.predicted_hit_tokens = Counter(
             "kvrelay_router_predicted_hit_tokens", "Prompt tokens the router expected the chosen worker to hold", registry=r
         )
+        self.shadow_agreement = Histogram(
+            "kvrelay_kv_shadow_agreement", "Shadow sampling: fraction of the first greedy tokens of a lossy handoff "
+            "identical to decoding on full KV", ["preset"], buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
         r.register(_StateCollector(workers, indexes))

@@ -94,6 +94,7 @@ class RouterService:
 
     async def start(self) -> None:
         self.cluster = await start_cluster(self.config)
+        self.cluster.on_shadow = lambda preset, agreement: self.metrics.shadow_agreement.labels(preset).observe(agreement)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._event_loop())]
         for states in self.cluster.worker_states().values():  # every series exists from the start

@@ -141,5 +141,16 @@ class PrefillWorker(WorkerBase):
         else:
             self.transfer_failures[outcome.reason or "unknown"] += 1
 
+    async def shadow_decode(self, request_id: str, prompt: list[int], first_token: int, num_tokens: int) -> list[int]:
+        """Shadow sampling: greedy tokens (the first one given) on this worker's full,
+        exact KV. The prompt was just prefilled here, so its prefix is in the cache and
+        only the last block is recomputed."""
+        params = SamplingParams(max_tokens=max(num_tokens - 1, 1), temperature=0.0)
+        out = [first_token]
+        async for o in self.aengine.generate(f"{request_id}#shadow", prompt + [first_token], params,
+                                             timeout_s=self.spec.prefill_timeout_s):
+            out += o.new_token_ids
+        return out[:num_tokens]
+
     async def prefill_log(self, request_id: str) -> PrefillResult | None:
         return self.recent.get(request_id)

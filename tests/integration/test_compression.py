@@ -111,17 +111,34 @@ def test_compacted_blocks_never_dedup_or_become_resident(ucx_compressed, tokeniz
     assert r2.num_cached_tokens >= 16
 
 
-def test_guard_that_cannot_be_met_falls_back_and_counts(tokenizer):
+def test_guard_that_cannot_be_met_falls_back_and_counts_and_shadow_sampling(tokenizer):
     cfg = _config(transfer={"transport": "inprocess",
-                            "compression": {"preset": "balanced", "keep": 0.1, "guard": 0.999, "min_tokens": 16}})
+                            "compression": {"preset": "balanced", "keep": 0.1, "guard": 0.999, "min_tokens": 16,
+                                            "shadow_fraction": 1.0, "shadow_tokens": 8}})
     c = Running(KVRelayCluster(cfg, use_ray=False))
+    shadows: list[tuple[str, float]] = []
+    c.cluster.on_shadow = lambda preset, agreement: shadows.append((preset, agreement))
     try:
-        out = _generate(c, _needle_prompt(tokenizer, 2000), request_id="guard-1")
+        prompt = _needle_prompt(tokenizer, 2000)
+        out = _generate(c, prompt, request_id="guard-1")
         assert out
         log = _prefill_log(c, "guard-1")
         assert log.guard_raised_layers > 0 and log.kept_fraction > 0.1
         stats = c.call(c.cluster.prefill, 0, "stats")
         assert stats["compression_fallbacks"]["guard"] == 1
+        # Shadow sampling: the same first 8 greedy tokens decoded on full KV on the
+        # prefill worker; with the guard keeping ~all attention mass they agree.
+        import time
+
+        deadline = time.monotonic() + 30
+        while not shadows and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.cluster.counters.shadow_samples == 1 and len(shadows) == 1
+        preset, agreement = shadows[0]
+        assert preset == "balanced*" and 0.0 < agreement <= 1.0
+        full = _generate(c, [9] + prompt, compression="none", request_id="guard-full")
+        assert full  # none is lossless: never shadow-sampled
+        assert c.cluster.counters.shadow_samples == 1
     finally:
         c.close()
 
