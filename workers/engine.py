@@ -60,10 +60,6 @@ class Reservation:
     block_ids: tuple[int, ...]
     suffix_slots: int
 
-    @property
-    def num_missing_blocks(self) -> int:
-        return len(self.block_ids) - self.num_cached_blocks
-
 
 class CapacityError(RuntimeError):
     """The KV pool cannot take this request now (retry later or elsewhere)."""
