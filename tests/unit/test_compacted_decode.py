@@ -93,3 +93,22 @@ def test_failed_compacted_handoff_recomputes_at_full_size(tiny):
         out += [t for o in engine.step() if o.request_id == "c2" for t in o.new_token_ids]
     full = _engine(tiny).generate([prompt], params)[0]
     assert out == full  # recomputed at full size: exactly the uncompressed output
+
+
+def test_preempted_compacted_request_is_recomputed_at_full_size_and_counted(tiny):
+    """A pool too small for two requests: the compacted one (admitted last) is preempted,
+    loses its compaction (counted as a "preempted" fallback), is recomputed at full size
+    from the prompt and its tokens so far, and completes."""
+    cfg = tiny.config
+    prompt = _prompt(97, cfg.vocab_size, seed=3)
+    engine = Engine(EngineConfig(num_kv_blocks=10, block_size=16, max_model_len=512, attention_backend="torch",
+                                 device="cpu", dtype="float32", enable_prefix_caching=False), loaded=tiny)
+    first, kv, _ = prefill_kv(engine, prompt)
+    other = _prompt(60, cfg.vocab_size, seed=9)
+    engine.add_request("other", other, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    engine.step()  # "other" runs first: 4 blocks, growing to 8
+    indices = random_indices(cfg.num_layers, cfg.num_kv_heads, 0, len(prompt), [40, 40, 40], seed=1)
+    tokens, _ = compacted_run(engine, prompt, first, kv, indices, steps=30)  # 3 blocks, growing
+    assert len(tokens) == 30
+    assert engine.stats.compression_fallbacks.get("preempted", 0) >= 1
+    assert engine.stats.preemptions >= 1
