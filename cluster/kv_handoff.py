@@ -26,6 +26,7 @@ Every wait has the descriptor's deadline; on any failure the decode worker recom
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -91,6 +92,10 @@ class ReceivedKV:
     messages: list[torch.Tensor] | None  # otherwise: per layer uint8 receive buffers
     sizes: list[int]  # bytes received per layer
 
+    @functools.cached_property
+    def _quantizer(self) -> kv_codec.Quantizer:
+        return self.desc.quantizer()
+
     @property
     def lossless(self) -> bool:
         return self.desc.plan.identity
@@ -106,7 +111,7 @@ class ReceivedKV:
         """(k, v) [n, Hkv, D] of one layer's kept tokens, dequantized to ``dtype``.
         Raises kv_codec.CodecError for a malformed message."""
         lay = self.desc.layout
-        return kv_codec.decode_layer(self.desc.quantizer(), self.messages[layer], self.sizes[layer], layer,
+        return kv_codec.decode_layer(self._quantizer, self.messages[layer], self.sizes[layer], layer,
                                      lay.num_kv_heads, lay.head_dim, dtype, device)
 
 

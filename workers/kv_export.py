@@ -33,6 +33,7 @@ class KVExport:
         if self.plan.sparse:
             p = self.plan
             self.select = kv_selection.SelectionParams(p.window, p.sinks, p.kernel, p.pooling, p.guard)
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # [tokens] block ids, offsets
         self._q_tail: dict[int, torch.Tensor] = {}  # layer -> [<= window, Hq, D] latest queries
         self.kept = list(self.plan.budgets)  # tokens kept per layer, as sent
         self.mass = [1.0] * num_layers  # window attention mass the kept tokens hold, per layer
@@ -58,11 +59,13 @@ class KVExport:
             ids = torch.tensor(req.block_ids[d.start_block : d.start_block + d.num_blocks], device=device)
             out = cache[ids]  # [n, 2, bs, Hkv, D], a contiguous copy
         else:
-            P, start = req.num_prompt_tokens, self.plan.region_start
-            first = 0 if self.select is not None else start  # selection scores against the whole prompt
-            s = torch.arange(first, P, device=device)
-            table = torch.tensor(req.block_ids, dtype=torch.int64, device=device)
-            kv = cache[table[s // bs], :, s % bs]  # [len(s), 2, Hkv, D]
+            start = self.plan.region_start
+            if self._slots is None:  # the same (block, offset) of every token for all layers
+                first = 0 if self.select is not None else start  # selection scores against the whole prompt
+                s = torch.arange(first, req.num_prompt_tokens, device=device)
+                table = torch.tensor(req.block_ids, dtype=torch.int64, device=device)
+                self._slots = (table[s // bs], s % bs)
+            kv = cache[self._slots[0], :, self._slots[1]]  # [tokens, 2, Hkv, D]
             keys, values = kv[:, 0], kv[:, 1]
             if self.select is not None:
                 prev = self._q_tail.pop(layer, None)
