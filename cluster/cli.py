@@ -3,6 +3,8 @@
   kvrelay generate "prompt"     start the cluster on this machine (local Ray, one prefill
                                 and one decode worker, KV over UCX), stream one answer
   kvrelay check-config FILE     validate a cluster config (YAML) and print it resolved
+  kvrelay calibrate --data F --out P   learn per-layer KV budgets (CMA-ES) on your prompts;
+                                point transfer.compression.profile at P, budgets: learned
 """
 
 from __future__ import annotations
@@ -178,6 +180,69 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(path: str, tokenizer, limit: int | None) -> list[list[int]]:
+    """JSONL rows with "messages" (chat, templated as the API does), "prompt" (text) or
+    "prompt_token_ids"."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "prompt_token_ids" in row:
+                out.append([int(t) for t in row["prompt_token_ids"]])
+            elif "messages" in row:
+                out.append(tokenizer.apply_chat_template(row["messages"]))
+            elif "prompt" in row:
+                out.append(tokenizer.encode(row["prompt"], add_special_tokens=True))
+            else:
+                raise ValueError(f"{path}:{n}: a row needs messages, prompt or prompt_token_ids")
+            if limit and len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from router.tokenizer import load_tokenizer
+    from workers import calibration
+    from workers.loader import load_model, resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = calibration.CalibrationSettings(
+        keep=tuple(args.keep or [0.25]), target_tokens=args.target_tokens, window=args.window, sinks=args.sinks,
+        kernel=args.kernel, max_evals=args.max_evals, time_limit_s=args.time_limit, seed=args.seed)
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    try:
+        prompts = _read_prompts(args.data, tokenizer, args.limit)
+    except (OSError, ValueError) as e:
+        print(f"kvrelay calibrate: {e}", file=sys.stderr)
+        return 2
+    loaded = load_model(source)
+    states = [calibration.prepare(loaded.model, p, settings, tokenizer.eos_token_id)
+              for p in tqdm(prompts, desc="prefill (full KV)", unit="prompt")]
+    bar = tqdm(total=settings.max_evals, desc="CMA-ES", unit="cand")
+
+    def progress(evals: int, best: float) -> None:
+        bar.update(evals - bar.n)
+        bar.set_postfix(best_kl=f"{best:.4f}")
+
+    result = calibration.calibrate(loaded.model, states, settings, progress)
+    bar.close()
+    calibration.write_profile(args.out, loaded.config.name, result, settings, len(states),
+                              sum(s.prompt_len for s in states) / len(states))
+    print(f"profile written to {args.out}: mean KL learned {result.objective:.4f}, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in result.baselines.items())
+          + f" ({result.evaluations} candidates, {result.seconds:.0f} s)")
+    return 0
+
+
 def _cluster_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="cluster config YAML (see deploy/ and the README)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. engine.block_size=32")
@@ -218,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a cluster config file")
     c.add_argument("file")
     c.set_defaults(func=_check_config)
+    k = sub.add_parser("calibrate", help="learn per-layer KV budgets for sparse payloads on your prompts")
+    k.add_argument("--model", default="default", help="'default' (embedded SmolLM2), a .gguf file or a HF directory")
+    k.add_argument("--data", required=True, help="JSONL: messages / prompt / prompt_token_ids per row")
+    k.add_argument("--out", required=True, help="profile JSON to write")
+    k.add_argument("--keep", type=float, action="append", help="keep fraction(s) to optimise for (default 0.25)")
+    k.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    k.add_argument("--target-tokens", type=int, default=16, help="full-KV continuation tokens scored per prompt")
+    k.add_argument("--window", type=int, default=32)
+    k.add_argument("--sinks", type=int, default=4)
+    k.add_argument("--kernel", type=int, default=63)
+    k.add_argument("--max-evals", type=int, default=240, help="CMA-ES candidates, at most")
+    k.add_argument("--time-limit", type=float, default=900.0, help="seconds of search, at most")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--threads", type=int, default=None, help="torch threads")
+    k.set_defaults(func=_calibrate)
     return p
 
 

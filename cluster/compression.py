@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CODEC_VERSION = 1
 
 Quantization = Literal["none", "int8", "fp8", "int4"]
+BUDGET_SHAPES = ("uniform", "pyramid", "learned")
 
 
 class CompressionSettings(BaseModel):
@@ -39,7 +40,9 @@ class CompressionSettings(BaseModel):
     sinks: int = Field(4, ge=0)  # leading prompt tokens always kept
     kernel: int = Field(63, ge=1)  # 1-D pooling kernel over the scores (odd)
     pooling: Literal["avg", "max"] = "avg"
-    budgets: str = "uniform"  # uniform | pyramid | path of a learned per-layer profile (JSON)
+    # uniform | pyramid | learned (the deployment's profile, else the one shipped for the
+    # served model: see CompressionSection.profile) | path of a per-layer profile (JSON)
+    budgets: str = "uniform"
     quantization: Quantization = "none"
     group_size: int = Field(32, ge=2)  # int4: tokens per key group, channels per value group
     guard: float = Field(0.0, ge=0, le=1)  # min attention mass a layer's kept tokens hold (0: off)
@@ -56,8 +59,8 @@ class CompressionSettings(BaseModel):
                 f"token_budget ({self.token_budget}) is below sinks + window ({self.sinks} + {self.window}): "
                 "those are always kept"
             )
-        if self.budgets not in ("uniform", "pyramid") and not self.budgets.endswith(".json"):
-            raise ValueError(f"budgets must be uniform, pyramid or a profile .json path, got {self.budgets!r}")
+        if self.budgets not in BUDGET_SHAPES and not self.budgets.endswith(".json"):
+            raise ValueError(f"budgets must be uniform, pyramid, learned or a profile .json path, got {self.budgets!r}")
         return self
 
     @property
@@ -80,14 +83,12 @@ PRESETS: dict[str, CompressionSettings] = {
 }
 
 
-def unknown_preset_message(name: str) -> str:
-    return f"unknown kv_compression preset {name!r}; choose one of: {', '.join(PRESETS)}"
+def unknown_preset_message(name: str, custom: tuple[str, ...] = ()) -> str:
+    return f"unknown kv_compression preset {name!r}; choose one of: {', '.join((*PRESETS, *custom))}"
 
 
-class CompressionSection(BaseModel):
-    """``transfer.compression`` in the config file: a preset, and any of its knobs
-    overridden. ``settings()`` is the deployment's default; a request's
-    ``kv_compression`` field picks a built-in preset instead."""
+class PresetOverrides(BaseModel):
+    """A built-in preset (``preset``) with any of its knobs overridden."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -104,6 +105,37 @@ class CompressionSection(BaseModel):
     group_size: int | None = None
     guard: float | None = None
     min_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "PresetOverrides":
+        if self.preset not in PRESETS:
+            raise ValueError(unknown_preset_message(self.preset))
+        self.settings()  # the combination must be valid too (errors name the field)
+        return self
+
+    def overrides(self) -> dict:
+        """The knobs set over the preset's."""
+        return {k: v for k, v in self.model_dump().items() if k in CompressionSettings.model_fields and v is not None}
+
+    def settings(self) -> CompressionSettings:
+        base = PRESETS[self.preset]
+        return CompressionSettings.model_validate({**base.model_dump(), **self.overrides()})
+
+
+class CompressionSection(PresetOverrides):
+    """``transfer.compression`` in the config file: the deployment's default payload (a
+    preset, and any of its knobs overridden), the operator's own named presets, and the
+    learned per-layer budget profile. ``settings()`` is the deployment's default; a
+    request's ``kv_compression`` field picks a built-in or a named preset instead."""
+
+    # Named presets a request may pick (``kv_compression: <name>``), each a built-in
+    # preset with overrides, e.g. ``{"long-docs": {"preset": "max", "keep": 0.3}}``.
+    # A name cannot shadow a built-in one (``none`` is always lossless).
+    presets: dict[str, PresetOverrides] = Field(default_factory=dict)
+    # The profile ``budgets: learned`` uses (a JSON file from ``kvrelay calibrate``);
+    # "auto": the profile shipped in the package for the served model
+    # (workers/budget_profiles/), and uniform budgets for a model without one.
+    profile: str = "auto"
     # Shadow sampling (off by default): this fraction of greedy requests with a lossy
     # payload also decodes its first shadow_tokens on full KV on the prefill worker, and
     # the router records the greedy agreement (kvrelay_kv_shadow_agreement{preset}).
@@ -111,30 +143,30 @@ class CompressionSection(BaseModel):
     shadow_tokens: int = Field(16, ge=1, le=256)
 
     @model_validator(mode="after")
-    def _check(self) -> "CompressionSection":
-        if self.preset not in PRESETS:
-            raise ValueError(unknown_preset_message(self.preset))
-        self.settings()  # the combination must be valid too (errors name the field)
+    def _check_section(self) -> "CompressionSection":
+        for name in self.presets:
+            if name in PRESETS or name.endswith("*") or not name.strip():
+                raise ValueError(f"transfer.compression.presets: {name!r} is a built-in preset name or not a valid name")
+        if self.profile != "auto" and not self.profile.endswith(".json"):
+            raise ValueError(f"transfer.compression.profile must be auto or a profile .json path, got {self.profile!r}")
         return self
 
-    def overrides(self) -> dict:
-        """The knobs set over the preset's (shadow sampling is not a payload knob)."""
-        skip = {"preset", "shadow_fraction", "shadow_tokens"}
-        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
-
-    def settings(self) -> CompressionSettings:
-        base = PRESETS[self.preset]
-        return CompressionSettings.model_validate({**base.model_dump(), **self.overrides()})
+    def names(self) -> tuple[str, ...]:
+        """Every preset a request may name: the built-in ones, then the operator's."""
+        return (*PRESETS, *self.presets)
 
     def resolve(self, preset: str | None) -> tuple[str, CompressionSettings]:
         """(label, settings) for a request's ``kv_compression``: None takes the
         deployment's settings (labelled ``preset*`` when knobs are overridden); a name
-        takes that built-in preset as published, so ``none`` is always lossless."""
+        takes that built-in preset as published (so ``none`` is always lossless) or the
+        operator's preset of that name."""
         if preset is None:
             return self.preset if not self.overrides() else f"{self.preset}*", self.settings()
-        if preset not in PRESETS:
-            raise ValueError(unknown_preset_message(preset))
-        return preset, PRESETS[preset]
+        if preset in PRESETS:
+            return preset, PRESETS[preset]
+        if preset in self.presets:
+            return preset, self.presets[preset].settings()
+        raise ValueError(unknown_preset_message(preset, tuple(self.presets)))
 
 
 @dataclass(frozen=True)

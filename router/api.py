@@ -234,6 +234,10 @@ def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0):
 
 
 async def _respond(s: RouterService, request: Request, req, prompt: list[int], params, chat: bool):
+    try:
+        s.config.transfer.compression.resolve(req.kv_compression)
+    except ValueError as e:
+        raise errors.invalid_request(str(e), "kv_compression") from None
     result = RequestResult(prompt_tokens=len(prompt), arrival=getattr(request.state, "arrival", time.monotonic()))
     stream = s.run(prompt, params, req.stop_strings, result, compression=req.kv_compression)
     s.inflight += 1

@@ -40,7 +40,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from cluster.compression import PRESETS, unknown_preset_message
 from workers.sampling_params import SamplingParams
 
 MAX_N = 16
@@ -107,15 +106,9 @@ class _SamplingRequest(BaseModel):
     presence_penalty: Number = 0.0  # only 0
     frequency_penalty: Number = 0.0  # only 0
     logit_bias: dict[str, Any] | None = None  # only empty
-    # kvrelay extension: the KV payload preset for this request (None: the deployment's)
+    # kvrelay extension: the KV payload preset for this request (None: the deployment's);
+    # the names are the built-in presets and the deployment's own, checked by the API.
     kv_compression: StrictStr | None = None
-
-    @field_validator("kv_compression")
-    @classmethod
-    def _known_preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in PRESETS:
-            raise _invalid(unknown_preset_message(v))
-        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -33,6 +33,13 @@ class DecodeWorker(WorkerBase):
         self.layer_received_at: dict[str, dict[int, float]] = {}
         self._reaper: asyncio.Task | None = None
         self._profiles: dict[str, tuple[float, ...]] = {}
+        # budgets "learned": the configured profile, else the one shipped for this model.
+        prof = spec.compression.profile
+        self._learned = prof if prof != "auto" else kv_selection.shipped_profile(self.layout.model_id, self.layout.num_layers)
+        if self._learned is None:
+            log.info("no learned budget profile for %s: budgets 'learned' are uniform", self.layout.model_id)
+        else:
+            self._profile(str(self._learned))  # fail at start on a bad profile, not on a request
 
     async def reserve(
         self, request_id: str, prompt: list[int], params: SamplingParams, prefill_layout: KVLayout,
@@ -96,7 +103,10 @@ class DecodeWorker(WorkerBase):
         )
 
     def _profile(self, budgets: str):
-        """"uniform" | "pyramid" | the weights of a learned profile file (loaded once)."""
+        """"uniform" | "pyramid" | the weights of a profile file (loaded once); "learned"
+        is the deployment's profile, else the one shipped for the model, else uniform."""
+        if budgets == "learned":
+            budgets = "uniform" if self._learned is None else str(self._learned)
         if budgets in ("uniform", "pyramid"):
             return budgets
         if budgets not in self._profiles:

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SelectionParams", "LayerSelection", "BudgetProfile", "forced_count", "window_scores",
-           "select_layer", "layer_budgets", "load_profile", "save_profile"]
+           "select_layer", "layer_budgets", "load_profile", "save_profile", "shipped_profile"]
 
 PYRAMID_BETA = 20  # PyramidKV's default steepness (kvpress PyramidKVPress.beta): top layer gets mean/beta
 
@@ -306,3 +306,19 @@ def save_profile(profile: BudgetProfile, path) -> None:
     data = {"model": profile.model, "num_layers": profile.num_layers,
             "weights": list(profile.weights), "note": profile.note}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+PROFILE_DIR = Path(__file__).parent / "budget_profiles"
+
+
+def shipped_profile(model: str, num_layers: int) -> Path | None:
+    """The profile in workers/budget_profiles/ learned for ``model`` (same name, case
+    insensitive, same layer count), or None: what ``budgets: learned`` uses by default."""
+    for path in sorted(PROFILE_DIR.glob("*.json")):
+        try:
+            prof = load_profile(path)
+        except ValueError:
+            continue
+        if prof.model.lower() == model.lower() and prof.num_layers == num_layers:
+            return path
+    return None

@@ -51,3 +51,20 @@ def test_a_peer_with_another_codec_version_is_refused_naming_it():
     theirs = dataclasses.replace(ours, codec_version=CODEC_VERSION + 1)
     with pytest.raises(LayoutMismatchError, match=f"codec_version: {CODEC_VERSION} vs {CODEC_VERSION + 1}"):
         ours.check_peer(theirs, "decode worker")
+
+
+def test_operator_presets_resolve_by_name_and_cannot_shadow_built_in_ones():
+    sec = ClusterConfig.build({}, {"transfer.compression.presets": {
+        "long-docs": {"preset": "max", "keep": 0.3, "budgets": "learned"}}}).transfer.compression
+    label, s = sec.resolve("long-docs")
+    assert label == "long-docs" and s.keep == 0.3 and s.quantization == "int4" and s.budgets == "learned"
+    assert sec.names()[-1] == "long-docs" and sec.resolve(None)[0] == "none"
+    with pytest.raises(ValueError, match="choose one of: none, int8, fp8, int4, balanced, max, long-docs"):
+        sec.resolve("ultra")
+    for bad, why in [({"none": {"preset": "int4"}}, "built-in preset name"),
+                     ({"x": {"preset": "ultra"}}, "unknown kv_compression preset 'ultra'"),
+                     ({"x": {"preset": "max", "keep": 2}}, "keep")]:
+        with pytest.raises(ConfigError, match=why):
+            ClusterConfig.build({}, {"transfer.compression.presets": bad})
+    with pytest.raises(ConfigError, match="profile must be auto or a profile .json path"):
+        ClusterConfig.build({}, {"transfer.compression.profile": "weights.txt"})
