@@ -111,16 +111,21 @@ class _DensePlan:
         vals = v if past_v is None else torch.cat([past_v, v])
         if self.masks is None:  # capture (prefill / full decode): keep what was fed
             self.k[layer], self.v[layer] = keys, vals
-        n, hkv = keys.shape[0], keys.shape[1]
+        hkv = keys.shape[1]
         group = self.num_heads // hkv
-        allowed = torch.ones(hkv, t, n, dtype=torch.bool).tril_(n - t)  # causal over the new tokens
-        if self.masks is not None:
-            p = self.masks[layer].shape[1]
-            allowed[:, :, :p] &= self.masks[layer][:, None, :]
         qh = q.permute(1, 0, 2)                                   # [Hq, T, D]
-        kh = keys.permute(1, 0, 2).repeat_interleave(group, 0)    # [Hq, L, D] (head h -> kv h // G)
-        vh = vals.permute(1, 0, 2).repeat_interleave(group, 0)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed.repeat_interleave(group, 0))
+        kh = keys.permute(1, 0, 2)                                # [Hkv, L, D] (query head h -> kv h // G)
+        vh = vals.permute(1, 0, 2)
+        if self.masks is None and past_k is None:                 # the prefill: plain causal
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            n = keys.shape[0]
+            allowed = torch.ones(hkv, t, n, dtype=torch.bool).tril_(n - t)  # causal over the new tokens
+            if self.masks is not None:
+                p = self.masks[layer].shape[1]
+                allowed[:, :, :p] &= self.masks[layer][:, None, :]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed.repeat_interleave(group, 0),
+                                                 enable_gqa=True)
         return out.permute(1, 0, 2)                               # [T, Hq, D]
 
 
