@@ -23,13 +23,13 @@ from bench.needle import wilson
 from bench.quality.suite import MAX_TOKENS, _pct, eval_items, paired
 
 CONFIGS = [
-    {"name": "kvpress full", "keep": 1.0, "window": 32, "kernel": 63},
     {"name": "kvpress snapkv k63 keep0.25", "keep": 0.25, "window": 32, "kernel": 63},
     {"name": "kvpress snapkv k5 keep0.25", "keep": 0.25, "window": 32, "kernel": 5},
     {"name": "kvpress snapkv k63 keep0.125", "keep": 0.125, "window": 32, "kernel": 63},
 ]
 # kvrelay's configuration at the same settings (no quantization) for the side-by-side.
-SAME_AS = {"kvpress full": "none", "kvpress snapkv k63 keep0.25": "s0.25", "kvpress snapkv k63 keep0.125": "s0.125",
+# kvpress_ref.py adds its uncompressed config, named "full", to every run.
+SAME_AS = {"full": "none", "kvpress snapkv k63 keep0.25": "s0.25", "kvpress snapkv k63 keep0.125": "s0.125",
            "kvpress snapkv k5 keep0.25": "s0.25"}
 
 
@@ -49,7 +49,7 @@ def score_kvpress(preds: Path, res: dict[str, Any]) -> dict[str, Any]:
         pairs = [(scores[i], ours[(i, mine)]["score"]) for i in scores if (i, mine) in ours]
         kept = [sum(r["kept_tokens_per_layer"]) / (len(r["kept_tokens_per_layer"]) * r["prompt_tokens"])
                 for r in recs if r.get("kept_tokens_per_layer")]
-        full = {r["id"]: r for r in rows_in if r["config"] == "kvpress full"}
+        full = {r["id"]: r for r in rows_in if r["config"] == "full"}
         agree = [r["text"] == full[r["id"]]["text"] for r in recs if r["id"] in full]
         rows.append({"config": cfg, "n": len(recs), "accuracy": k / max(1, len(recs)),
                      "wilson": wilson(round(k), len(recs)), "kvrelay_same": mine,

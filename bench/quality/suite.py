@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from bench.common import cpu_name
+from bench.compression import metric_deltas
 from bench.needle import wilson
 from bench.server import Server, log
 
@@ -149,20 +150,6 @@ async def run_jobs(url: str, model: str, jobs: list[Job], concurrency: int, reco
     if out:
         out.close()
     return records
-
-
-def metric_deltas(before, after) -> dict[str, Any]:
-    from bench.loadgen import counter_delta
-
-    return {
-        "wire": counter_delta(before, after, "kvrelay_kv_transfer_bytes_total", "preset"),
-        "full_16bit": counter_delta(before, after, "kvrelay_kv_transfer_full_16bit_bytes_total", "preset"),
-        "kept_sum": counter_delta(before, after, "kvrelay_kv_compression_kept_ratio_sum", "preset"),
-        "kept_count": counter_delta(before, after, "kvrelay_kv_compression_kept_ratio_count", "preset"),
-        "fallbacks": counter_delta(before, after, "kvrelay_kv_compression_fallbacks_total", "reason"),
-        "transfer_failures": counter_delta(before, after, "kvrelay_kv_transfer_failures_total", "reason"),
-        "kv_recomputes": counter_delta(before, after, "kvrelay_kv_recomputes_total", "role"),
-    }
 
 
 # ------------------------------------------------------------------------------ statistics
