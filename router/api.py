@@ -310,15 +310,18 @@ async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result
     created = now()
     usage_kw: dict[str, Any] = {"usage": None} if req.include_usage else {}
     status = "ok"
+    # Nothing is sent before a choice's first token: the role travels with it, as vLLM and
+    # OpenAI send it, so the TTFT any client measures is the time to the first generated
+    # token, not to an empty role chunk sent before the prefill ran.
+    role_sent: set[int] = set()
     try:
-        if chat:
-            first = ChatCompletionChunk(id=rid, created=created, model=s.model_id, **usage_kw, choices=[
-                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(req.n)])
-            yield f"data: {first.model_dump_json()}\n\n"
         offsets: dict[int, int] = {}
         async for ev in stream:
             if chat:
                 delta = ChatDelta(content=ev.text) if ev.text or not ev.finish_reason else ChatDelta()
+                if ev.index not in role_sent:
+                    role_sent.add(ev.index)
+                    delta = ChatDelta(role="assistant", content=ev.text)
                 choice = ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=_logprobs(s, ev, True))
                 chunk = ChatCompletionChunk(id=rid, created=created, model=s.model_id, choices=[choice], **usage_kw)
             else:

@@ -517,7 +517,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """Only the keys that are set: {"role": "assistant", "content": ""} first, then
+    """Only the keys that are set: {"role": "assistant", "content": <first token's text>}
+    first (sent once the first token exists, never before the prefill), then
     {"content": "..."}, and {} on the chunk that carries finish_reason."""
 
     role: Literal["assistant"] | None = None

@@ -106,7 +106,10 @@ def test_chat_greedy_equals_engine_and_usage(client, engine, tokenizer):
                                                  stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
+    # the role travels with the first token (no empty chunk before the prefill), once
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content and text.startswith(chunks[0].choices[0].delta.content)
+    assert [c.choices[0].delta.role for c in chunks if c.choices].count("assistant") == 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(toks)
     # the second identical request hit the prefix cache
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 16
