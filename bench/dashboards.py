@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import workloads as W
-from bench.common import cpu_name
+from bench.report import cpu_name, pyplot, reading_section
 from bench.loadgen import SLO, run_load, summarize
 from bench.prometheus import GRAFANA_DIR, PrometheusServer, substitute, template_values
 from bench.server import Server, log
@@ -108,10 +108,7 @@ def cross_check(prom: PrometheusServer, at: float, window_s: int) -> dict[str, A
 
 
 def render_plot(panels: list[dict[str, Any]], meta: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = 3
     rows = (len(panels) + cols - 1) // cols
@@ -180,7 +177,7 @@ async def main_async(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_plot(panels, meta, str(out.with_suffix(".png")))
-    out.with_suffix(".md").write_text(render_markdown(panels, meta, summary))
+    out.with_suffix(".md").write_text(render_markdown(panels, meta, summary) + "\n" + "\n".join(reading_section(out.with_suffix(".md"))))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "panels": panels}, indent=1))
     log(f"wrote {out.with_suffix('.png')}, .md, .json")
     return 0

@@ -56,15 +56,13 @@ import datetime as _dt
 import itertools
 import json
 import os
-import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-from bench.common import cpu_name
+from bench.report import machine_info, percentile, pyplot, reading_section, wait_quiet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -330,17 +328,8 @@ async def measure_interference(cluster, mode: str, args, stream_prompts: list[li
 # ---------------------------------------------------------------------------------------
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def summarize(xs: list[float]) -> dict:
-    return {"n": len(xs), "p50": pct(xs, 0.5), "p90": pct(xs, 0.9), "p99": pct(xs, 0.99), "max": max(xs) if xs else None,
+    return {"n": len(xs), "p50": percentile(xs, 50), "p90": percentile(xs, 90), "p99": percentile(xs, 99), "max": max(xs) if xs else None,
             "mean": statistics.fmean(xs) if xs else None, "tokens_per_s": len(xs) / sum(xs) if xs and sum(xs) > 0 else None}
 
 
@@ -449,29 +438,6 @@ async def run(args) -> dict:
     return out
 
 
-def machine_info() -> dict:
-    import ray
-    import torch
-    import transformers
-
-    cpu = cpu_name()
-    try:
-        import ucxx
-
-        ucxx_v = ucxx.__version__
-    except Exception:  # noqa: BLE001
-        ucxx_v = "?"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit = "?"
-    return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "ray": ray.__version__, "ucxx": ucxx_v, "transformers": transformers.__version__, "git_commit": commit,
-        "platform": platform.platform(),
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # tables and plot
 # ---------------------------------------------------------------------------------------
@@ -563,11 +529,9 @@ def itl_table(res: dict) -> str:
 
 
 def plot(res: dict, rows: list[dict], path: Path, title_note: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"colocated": "tab:gray", "disagg-layerwise": "tab:blue", "disagg-bulk": "tab:orange"}
@@ -621,7 +585,6 @@ def write_md(res: dict, args, rows: list[dict], ttft_md: str, path: Path, png_na
     cmd = "python -m bench.disagg" + (" --quick" if args.quick else "")
     if res["argv"]:
         cmd = "python -m bench.disagg " + " ".join(shlex.quote(a) for a in res["argv"])
-    inter = res["interference"]
     lines = [
         "# Disaggregated vs colocated serving (CPU, real Ray + UCX + SmolLM2)", "",
         f"Reproduce: `{cmd}`" + (" (smoke run: fewer sizes and repetitions)" if args.quick else ""), "",
@@ -646,114 +609,9 @@ def write_md(res: dict, args, rows: list[dict], ttft_md: str, path: Path, png_na
         lines += [f"**Load.** {res['load_note']}", ""]
     lines += [f"![TTFT and ITL]({png_name})", "", "## 1. Time to first token and the exposed KV transfer", "", ttft_md, ""]
     lines += ["## 2. Decode inter-token latency while long prompts arrive", "", itl_table(res), ""]
-    lines += ["## Reading the numbers", "", *commentary(res, rows, args), ""]
-    lines += ["Raw per-request records and every ITL gap are in the JSON file next to this one."]
+    lines += ["Raw per-request records and every ITL gap are in the JSON file next to this one.", ""]
+    lines += reading_section(path)
     path.write_text("\n".join(lines) + "\n")
-
-
-def commentary(res: dict, rows: list[dict], args) -> list[str]:
-    out = []
-    n_layers = next((r["layers"] for r in res["ttft"] if "layers" in r), "?")
-    big = rows[-1]
-    c, lw, b = (big[m] for m in MODES)
-    spread = max(x["ttft_s"] for x in (c, lw, b)) / min(x["ttft_s"] for x in (c, lw, b)) - 1
-    out.append(
-        f"- **TTFT.** At {big['size']} tokens the median TTFT is {c['ttft_s']:.2f}s colocated, {lw['ttft_s']:.2f}s disaggregated "
-        f"layer-wise and {b['ttft_s']:.2f}s disaggregated bulk ({spread * 100:.0f}% between the fastest and the slowest). Every mode "
-        "prefills on one core, so TTFT is the prefill itself. The disaggregated first token is the prefill worker's own sample, "
-        "returned without waiting for the KV to land, so TTFT carries no transfer in either disaggregated mode; what it adds is one "
-        "extra RPC (the decode worker's reservation) and the per-layer page copies made inside the forward pass (made in both "
-        "disaggregated modes; layer-wise also hands each layer to UCX there). Those are milliseconds against seconds of CPU prefill; "
-        "larger differences in the table come from the shared machine (see the load average), not from the mode. The transfer left "
-        "over after the prefill shows up between the first and the second token: median "
-        + ", ".join(f"{x['first_to_second_s'] * 1e3:.0f} ms {n}" for x, n in ((c, "colocated"), (lw, "layer-wise"), (b, "bulk")))
-        + " (one decode step, plus in disaggregated mode the handoff to the decode worker: waiting for the last pages, admitting the "
-        "request, one more RPC stream)."
-    )
-    if big["hidden_fraction"] is not None:
-        fr = [f"{r['size']}: {r['hidden_fraction'] * 100:.0f}%" for r in rows if r["hidden_fraction"] is not None]
-        out.append(
-            f"- **Exposed transfer.** Bulk shipping exposes the whole transfer after the last layer: {b['exposed_transfer_s'] * 1e3:.1f} ms for "
-            f"{b['bytes_sent'] / 1e6:.0f} MB at {big['size']} tokens (about {b['bytes_sent'] / b['exposed_transfer_s'] / 1e9:.1f} GB/s through UCX "
-            f"between two processes of this host). Layer-wise streaming leaves {lw['exposed_transfer_s'] * 1e3:.1f} ms exposed, i.e. it hides "
-            f"{', '.join(fr)} of it (prompt tokens: share hidden, medians); {lw['layers_in_before_last_computed']:.0f} of {n_layers} layers were "
-            "already on the decode worker when the prefill computed its last layer, and the last layer's own pages are all that is left. "
-            "Note what streams: the pages of layer i go out when the prefill step that completes the prompt has computed layer i, so for a "
-            f"prompt longer than one chunk ({ENGINE['chunk_size']} tokens) only the last chunk's forward pass overlaps the transfer, and "
-            f"the earlier chunks' pages wait for it. On this host the whole transfer takes {rows[0]['disagg-bulk']['exposed_transfer_s'] * 1e3:.0f}–"
-            f"{b['exposed_transfer_s'] * 1e3:.0f} ms against {rows[0]['colocated']['ttft_s']:.1f}–{c['ttft_s']:.0f} s of CPU prefill, so the "
-            "absolute saving is small next to TTFT (it does show in the first-to-second-token gap above); it matters where prefill is fast "
-            "and the link is slow relative to it (GPUs and a network), which this machine cannot show."
-        )
-    inter = res["interference"]
-    if "colocated" in inter and "disagg-layerwise" in inter:
-        ci, di = inter["colocated"], inter["disagg-layerwise"]
-        cl, dl = ci["itl_loaded"], di["itl_loaded"]
-        cq, dq = ci["itl_quiet"], di["itl_quiet"]
-        lc = med(ci["long_requests"], "ttft_s") or float("nan")
-        ld = med(di["long_requests"], "ttft_s") or float("nan")
-        verdict = ("lower" if dl["p99"] < 0.9 * cl["p99"] else "higher" if dl["p99"] > 1.1 * cl["p99"] else "about the same")
-        out.append(
-            f"- **Interference.** While the long prompts arrive, the decode streams' ITL p99 is {cl['p99'] * 1e3:.0f} ms colocated and "
-            f"{dl['p99'] * 1e3:.0f} ms disaggregated ({verdict} disaggregated; p50 {cl['p50'] * 1e3:.0f} vs {dl['p50'] * 1e3:.0f} ms). "
-            "Colocated, a long prompt's prefill chunks share engine steps with the decodes of the same worker: a step that carries a "
-            f"{ENGINE['chunk_size']}-token chunk (or several, from overlapping long prompts, up to the {ENGINE['max_num_batched_tokens']}-token "
-            "step budget) takes seconds on one core, and every stream on that worker waits for it. Chunked prefill bounds the stall at "
-            "one step; it does not remove it, and with two workers and round-robin placement both workers carry streams and long prompts, "
-            "so both stall. Disaggregated, the decode worker never computes a prompt: it receives pages and installs them, so what is "
-            "left of its tail presumably comes from sharing the 2 cores with the busy prefill worker (and everything else running) and "
-            "from the page installs, not from prefill compute in its own steps."
-            + (f" The median goes the other way ({dl['p50'] * 1e3:.0f} vs {cl['p50'] * 1e3:.0f} ms): the disaggregated decode worker runs "
-               f"all {args.streams} streams in one batch on one core next to a busy prefill worker, where each colocated worker runs half "
-               "of them between its prefill steps." if dl["p50"] > cl["p50"] else "")
-        )
-        per = {m: [x["itl_loaded"]["p99"] * 1e3 for x in res.get("interference_rounds", []) if x["mode"] == m] for m in ("colocated", "disagg-layerwise")}
-        if all(len(v) > 1 for v in per.values()):
-            out.append(
-                f"- **Round to round.** Loaded ITL p99 per round: colocated {', '.join(f'{v:.0f}' for v in per['colocated'])} ms, "
-                f"disaggregated {', '.join(f'{v:.0f}' for v in per['disagg-layerwise'])} ms (the per-round table gives the load average "
-                "each ran under)."
-                + (" Every colocated round is worse than every disaggregated one." if min(per["colocated"]) > max(per["disagg-layerwise"])
-                   else " Every disaggregated round is worse than every colocated one." if min(per["disagg-layerwise"]) > max(per["colocated"])
-                   else " The rounds overlap: the difference is within the noise of this machine.")
-            )
-        out.append(
-            f"- **Quiet window.** Before the first arrival, ITL p50 is {cq['p50'] * 1e3:.0f} ms colocated (2 streams per worker, both "
-            f"workers decoding) and {dq['p50'] * 1e3:.0f} ms disaggregated (all {args.streams} streams in one batch on the decode worker, the "
-            "prefill worker idle). On an idle 2-core machine one would expect the colocated pair to be the faster one (two cores decode, "
-            "each a smaller batch); where it is not, its two busy engine threads compete with the other processes on the same 2 cores, "
-            "while the disaggregated setup keeps only one busy."
-        )
-        out.append(
-            f"- **The price.** The split gives the prefill work one worker instead of two: the long prompts' median TTFT is "
-            f"{lc:.1f}s colocated vs {ld:.1f}s disaggregated at the same offered load (arrivals every {args.interval:g}s of a "
-            f"{args.long_tokens}-token prompt that takes a few seconds to prefill on one core, so some of it is queueing). "
-            "Disaggregation trades prefill capacity and a KV transfer for decode isolation; the pool ratio is the knob."
-        )
-    out.append(
-        "- **Why this is not the production picture.** Both pools run on the same 2 cores of one host. Each worker has one torch "
-        "thread, but the prefill worker, the decode worker, their UCX progress threads, Ray's own processes, this client and any "
-        "other job on the machine compete for those 2 cores and one memory system, so the isolation that disaggregation buys on a "
-        "GPU cluster (prefill and decode on separate devices, KV over NVLink or RDMA) is only partial here, and the absolute times "
-        "are CPU times (seconds of prefill, ~100 ms decode steps). What these numbers do show is that the mechanism works end to end "
-        "on real actors and real UCX, what the transfer costs, how much of it layer-wise streaming hides, and the direction of the "
-        "interference effect."
-    )
-    return out
-
-
-def wait_quiet(max_wait_s: float, threshold: float = 1.0, poll_s: float = 60.0) -> dict:
-    """Poll the 1-minute load average until it is below ``threshold`` (at most ``max_wait_s``)."""
-    t0, seen = time.monotonic(), []
-    while True:
-        load = os.getloadavg()[0]
-        seen.append(round(load, 2))
-        if load < threshold:
-            return {"quiet": True, "waited_s": round(time.monotonic() - t0), "loads": seen, "threshold": threshold}
-        if time.monotonic() - t0 + poll_s > max_wait_s:
-            return {"quiet": False, "waited_s": round(time.monotonic() - t0), "loads": seen, "threshold": threshold}
-        log(f"1-minute load average {load:.2f} >= {threshold}: waiting {poll_s:.0f}s for the machine to quieten")
-        time.sleep(poll_s)
 
 
 def load_note(res: dict) -> str | None:
@@ -803,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "disagg_quick" if args.quick else "disagg"
-    wq = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    wq = wait_quiet(args.wait_quiet, log=log) if args.wait_quiet > 0 else None
     t0 = time.perf_counter()
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"load average {load_before}; ray.init")
@@ -817,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["wait_quiet"] = wq
     res["note"] = args.note
-    res["machine"] = machine_info()
+    res["machine"] = machine_info(("torch", "ray", "ucxx-cu12", "transformers"))
     res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["argv"] = list(argv if argv is not None else sys.argv[1:])
     res["args"] = vars(args)

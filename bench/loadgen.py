@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+
+from bench.report import dist
 
 # ---------------------------------------------------------------------------------------
 # what to send
@@ -336,28 +337,6 @@ class SLO:
             return False
         tpot = r.tpot_s
         return tpot is None or tpot <= self.tpot_s
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default); None for no values."""
-    v = sorted(values)
-    if not v:
-        return None
-    if len(v) == 1:
-        return float(v[0])
-    pos = (len(v) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
-
-
-def dist(values: Sequence[float]) -> dict[str, float | None]:
-    vals = [float(x) for x in values if x is not None]
-    return {
-        "n": len(vals),
-        "mean": sum(vals) / len(vals) if vals else None,
-        "p50": percentile(vals, 50), "p90": percentile(vals, 90), "p99": percentile(vals, 99),
-        "max": max(vals) if vals else None,
-    }
 
 
 def summarize(records: Sequence[RequestRecord], slo: SLO, wall_s: float | None = None) -> dict[str, Any]:

@@ -34,12 +34,9 @@ import asyncio
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +44,7 @@ from typing import Any
 from bench import workloads as W
 from bench.server import Server, log
 from bench.loadgen import SLO, RequestSpec, Session, counter_delta, format_summary, run_load, scrape, summarize
-from bench.common import cpu_name
+from bench.report import machine_info, md_table, pyplot, reading_section, wait_quiet
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -254,50 +251,6 @@ async def run_config(name: str, wls: list[W.Workload], args: argparse.Namespace,
 # ---------------------------------------------------------------------------------------
 
 
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = cpu_name()
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                            check=False).stdout.splitlines()
-    dirty = sorted(line[3:] for line in status if line[3:] and not line[3:].startswith("bench/"))
-    return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "gpu": "none", "python": platform.python_version(),
-        "torch": _version("torch"), "ray": _version("ray"), "httpx": _version("httpx"), "git_commit": commit or "?",
-        "uncommitted_changes": dirty, "platform": platform.platform(),
-    }
-
-
-def wait_quiet(limit_s: float, threshold: float) -> list[float]:
-    """Poll the 1-minute load average every 60 s until it is below ``threshold``."""
-    deadline = time.monotonic() + limit_s
-    seen = []
-    while True:
-        load = os.getloadavg()[0]
-        seen.append(round(load, 2))
-        if load < threshold:
-            log(f"1-minute load {load:.2f} < {threshold}: starting")
-            return seen
-        if time.monotonic() + 60 > deadline:
-            log(f"1-minute load still {load:.2f} after waiting; starting anyway")
-            return seen
-        log(f"1-minute load {load:.2f} >= {threshold}: waiting 60s")
-        time.sleep(60)
-
-
 # ---------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------
@@ -314,7 +267,7 @@ def _n(v: float | None, fmt: str = "{:.0f}") -> str:
 
 def write_report(result: dict[str, Any], prefix: str) -> None:
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(result, Path(prefix).name)
+    md = render_markdown(result, Path(prefix + ".md"))
     Path(prefix + ".md").write_text(md)
     try:
         render_plot(result, prefix + ".png")
@@ -322,7 +275,7 @@ def write_report(result: dict[str, Any], prefix: str) -> None:
         log(f"plot failed: {e}")
 
 
-def render_markdown(result: dict[str, Any], stem: str) -> str:
+def render_markdown(result: dict[str, Any], md_path: Path) -> str:
     m, a = result["machine"], result["args"]
     slo = result["slo"]
     runs = result["runs"]
@@ -337,7 +290,7 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
     L.append("| | |")
     L.append("|---|---|")
     L.append(f"| date | {result['date']} |")
-    L.append(f"| machine | {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory']} RAM, GPU: {m['gpu']} ({m['platform']}) |")
+    L.append(f"| machine | {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory']} RAM, GPU: {m.get('gpu', 'none')} ({m['platform']}) |")
     L.append(f"| software | python {m['python']}, torch {m['torch']}, ray {m['ray']}, httpx {m['httpx']}, git {m['git_commit']} |")
     if m.get("uncommitted_changes"):
         L.append(f"| uncommitted changes in the tree the servers ran from | {', '.join(m['uncommitted_changes'])} |")
@@ -375,7 +328,7 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
                  "workload, on 2 cores): absolute latencies are inflated and noisy, and other jobs' bursts can "
                  "hit one configuration and not another.")
         L.append("")
-    L.append(f"![serving]({stem}.png)")
+    L.append(f"![serving]({md_path.stem}.png)")
     L.append("")
     L.append("## Configurations")
     L.append("")
@@ -449,13 +402,11 @@ def render_markdown(result: dict[str, Any], stem: str) -> str:
         for r in failed:
             L.append(f"* {r['config']}: {r['error']}")
         L.append("")
-    L.append("## Commentary")
-    L.append("")
-    L.extend(commentary(result))
-    L.append("")
+    L.extend(trace_reuse_lines(result))
     L.append("Raw per-request records (TTFT, every ITL gap, usage, send lag) and the metric deltas per worker are in "
-             f"`{stem}.json`.")
+             f"`{md_path.stem}.json`.")
     L.append("")
+    L.extend(reading_section(md_path))
     return "\n".join(L)
 
 
@@ -464,90 +415,6 @@ def _get(result: dict, config: str, wl: str) -> dict | None:
         if r["config"] == config:
             return r["workloads"].get(wl)
     return None
-
-
-def commentary(result: dict[str, Any]) -> list[str]:
-    """Facts computed from the numbers, then the caveats that always hold here."""
-    L: list[str] = []
-
-    def ms(v: float | None) -> str:
-        return "–" if v is None else f"{v * 1000:.0f} ms"
-
-    for wl in result["workloads"]:
-        rows = {}
-        for cfg in CONFIGS:
-            w = _get(result, cfg, wl)
-            if w is None:
-                continue
-            e, s = w["engine"], w["summary"]
-            rows[cfg] = {
-                "computed": e["prefill_computed"].get("total", 0.0), "hit": prefill_side_hits(e),
-                "pred": e["predicted_hit"].get("total", 0.0), "ttft50": s["ttft_s"].get("p50"),
-                "ttft90": s["ttft_s"].get("p90"), "tpot50": s["tpot_s"].get("p50"), "itl99": s["itl_s"].get("p99"),
-                "good": s["good"], "n": s["requests"], "errors": s["errors"],
-            }
-        if not rows:
-            continue
-        L.append(f"* **{wl}**")
-        pol = [c for c in ("kv_aware", "round_robin", "least_loaded") if c in rows]
-        if pol:
-            L.append("  * policies (2P+1D): " + "; ".join(
-                f"{c} computed {rows[c]['computed']:.0f} prompt tokens, hit {rows[c]['hit']:.0f} (router predicted "
-                f"{rows[c]['pred']:.0f}), TTFT p50 {ms(rows[c]['ttft50'])} / p90 {ms(rows[c]['ttft90'])}, "
-                f"{rows[c]['good']}/{rows[c]['n']} in SLO" for c in pol) + ".")
-            if "kv_aware" in rows:
-                for other in ("round_robin", "least_loaded"):
-                    if other in rows and rows[other]["computed"] > 0:
-                        diff = rows[other]["computed"] - rows["kv_aware"]["computed"]
-                        L.append(f"  * kv_aware computed {abs(diff):.0f} {'fewer' if diff >= 0 else 'more'} prefill tokens "
-                                 f"than {other} ({abs(diff) / rows[other]['computed']:.0%} {'fewer' if diff >= 0 else 'more'} than {other}'s {rows[other]['computed']:.0f}).")
-        mode = [c for c in ("disagg_1p1d", "colocated") if c in rows]
-        if mode:
-            L.append("  * modes (2 workers): " + "; ".join(
-                f"{c} TTFT p50 {ms(rows[c]['ttft50'])} / p90 {ms(rows[c]['ttft90'])}, TPOT p50 {ms(rows[c]['tpot50'])}, "
-                f"ITL p99 {ms(rows[c]['itl99'])}, computed {rows[c]['computed']:.0f}, {rows[c]['good']}/{rows[c]['n']} in SLO"
-                for c in mode) + ".")
-        stats = result["workloads"][wl].get("stats") or {}
-        if stats.get("ideal_hit_tokens") is not None:
-            best = max((r["hit"] for r in rows.values()), default=0)
-            L.append(f"  * the offline ceiling (one unbounded cache, infinitely fast) is {stats['ideal_hit_tokens']} hit "
-                     f"tokens; the best configuration realized {best:.0f}. Hits are lost when a conversation's next "
-                     f"turn arrives while the previous one is still queued or prefilling (the replay compresses time "
-                     f"{1 / result['workloads'][wl]['params'].get('time_scale', 1):.0f}x), and, for the policies that ignore the cache, when it lands on the other prefill worker.")
-    L.extend(trace_reuse_lines(result))
-    L.append("* Router predicted vs engine realized hits: the router predicts at placement, from the blocks its "
-             "index has seen stored; the engine counts hits when it schedules the prompt. A request that waits in a "
-             "worker's queue behind the one that computes its prefix is predicted as a miss but realized as a hit "
-             "(most visible in the shared-system-prompt burst); the reverse (predicted, then evicted) needs a full "
-             "KV cache, which these workloads do not reach.")
-    L.append("")
-    L.append("What these CPU numbers do and do not show:")
-    L.append("")
-    L.append("* The prefix-reuse columns are the solid part: they count tokens the engines really computed or served "
-             "from cache, and they do not depend on how fast the machine is. Placement that keeps a conversation or "
-             "a shared prefix on the worker that holds it must compute fewer prompt tokens; the gap between policies "
-             "is what to look at, and the router's predicted hits next to the engines' realized hits show whether "
-             "its residency index is right.")
-    L.append("* Latencies are from a 2-core CPU box running 2–3 single-thread workers plus the router, Ray and the "
-             "load generator on the same 2 cores: the processes contend for CPU, so a prefill on one worker slows "
-             "the other workers' decode steps. Prefill runs at a few hundred tokens/s per worker, so a burst of "
-             "trace prompts queues for seconds; TTFT is dominated by queueing, and TPOT by the batch sizes and "
-             "CPU sharing. On GPUs the ratios would differ (prefill is far cheaper relative to decode steps, and "
-             "disaggregation's point — keeping long prefills off the decode workers' GPUs — needs workers that do "
-             "not share cores).")
-    L.append("* Disaggregated 1P+1D vs colocated ×2: on this box both use the same 2 cores. Colocated can run two "
-             "prefills in parallel (one per worker) while the single prefill worker of 1P+1D queues them; in exchange "
-             "1P+1D decode steps are never stalled by a prefill on their own worker. Which wins depends on the mix; "
-             "the KV transfer itself is shared memory here (see bench/results/disagg*.md for its cost).")
-    L.append("* Sample sizes are small (tens of requests per cell, a single run, configurations run one after "
-             "another in a fixed order), so p99 is close to the maximum and differences of a few hundred ms in "
-             "TTFT are within the noise of a shared machine. Greedy decoding keeps the requests identical across "
-             "configurations (the chat answers could still differ if batching changes the float sums).")
-    L.append("* The trace replay keeps the trace's prefix structure (equal block ids → equal token blocks) but not "
-             "its scale: inputs are 1/32 of the original, capped; outputs capped; time compressed. Selecting whole "
-             "conversations (rather than the first N requests, which share only the trace's first block) is what "
-             "makes reuse visible at all in a run this short.")
-    return L
 
 
 def trace_reuse_diagnostic(result: dict[str, Any]) -> dict[str, dict[str, int]] | None:
@@ -604,26 +471,22 @@ def trace_reuse_diagnostic(result: dict[str, Any]) -> dict[str, dict[str, int]] 
 
 
 def trace_reuse_lines(result: dict[str, Any]) -> list[str]:
+    """The trace replay's follow-ups per configuration (``trace_reuse_diagnostic``), as a table."""
     diag = result.get("trace_diagnostic") or trace_reuse_diagnostic(result)
     if not diag:
         return []
-    parts = [f"{c}: {d['missed_when_ready']} of {d['parent_ready']} missed ({d['missed_tokens_when_ready']} tokens)"
-             for c, d in diag.items()]
     n = next(iter(diag.values()))["followups"]
-    return [f"* Trace follow-ups ({n} requests sharing ≥ 2 blocks with an earlier one): of those sent after the "
-            "earlier request's first token (its blocks already stored, so the router's index could know), how many "
-            "still got fewer cached tokens than the shared prefix — " + "; ".join(parts) + ". With one prefill "
-            "worker (disagg_1p1d) every such request must hit; with two, a miss means placement sent it away from "
-            "the worker holding its prefix. Follow-ups sent earlier (while the earlier request was still queued or "
-            "prefilling) are not in these counts: the router's index learns a prefix only once its blocks are "
-            "stored, so to kv_aware such a request looks cold and is placed by load."]
+    return ["## Trace follow-ups (mooncake_replay)", "",
+            f"{n} requests share at least 2 blocks with an earlier one. Counted: those sent after the earlier "
+            "request's first token (its blocks already stored, so the router's index could know), and of those, "
+            "the ones that got fewer cached tokens than the shared prefix.", "",
+            *md_table(["config", "sent after the earlier one's first token", "missed", "tokens missed"],
+                      [[c, d["parent_ready"], d["missed_when_ready"], d["missed_tokens_when_ready"]]
+                       for c, d in diag.items()], "lrrr"), ""]
 
 
 def render_plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     wls = list(result["workloads"])
@@ -680,7 +543,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench.serving " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "preset": args.preset,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": machine_info(("torch", "ray", "httpx")),
         "args": {k: v for k, v in vars(args).items() if k not in ("render",)},
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workloads": {w.name: {"description": w.description, "params": w.params, "stats": w.stats} for w in wls},
@@ -688,7 +551,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
     }
     if args.wait_quiet > 0:
-        result["quiet_wait"] = await asyncio.to_thread(wait_quiet, args.wait_quiet, args.quiet_load)
+        result["quiet_wait"] = (await asyncio.to_thread(wait_quiet, args.wait_quiet, args.quiet_load, 60.0, log))["loads"]
     result["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     t0 = time.monotonic()
     configs = args.configs if args.url is None else ["external"]

@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench.common import cpu_name
+from bench.report import cpu_name, loadavg, pyplot, reading_section
 
 # ---------------------------------------------------------------------------------------
 # options
@@ -565,19 +565,11 @@ def _command(argv: list[str] | None) -> str:
     return " ".join(["python -m bench.throughput", *map(shlex.quote, argv)])
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def plot(path: Path, panels: list[tuple[str, list[int], dict]], title: str) -> None:
     """panels: (title, concurrency, runs summary) — tokens/s vs concurrency, log-x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
     for ax, (name, conc, summ) in zip(axes[0], panels):
@@ -630,7 +622,7 @@ def run_cpu(args, argv=None) -> int:
     from workers.loader import load_model, resolve_model
 
     t_start = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     _quiet_transformers()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -693,7 +685,7 @@ def run_cpu(args, argv=None) -> int:
                    "max_num_batched_tokens": cfg.max_num_batched_tokens, "chunk_size": cfg.chunk_size,
                    "attention_backend": engine.runner.backend.name},
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "measure_seconds": round(measure_s, 1),
         "total_seconds": round(total_s, 1),
     }
@@ -753,7 +745,8 @@ def _write(args, meta: dict, summary: dict, runs: dict, suffix: str) -> None:
     if m["mode"] == "cpu":
         md.append("The machine may be shared with other processes: the numbers are noisy "
                   "(see the load average and the per-run numbers in the JSON).")
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    md += ["", *reading_section(out / f"{stem}.md")]
+    (out / f"{stem}.md").write_text("\n".join(md))
     panels = ([("", args.concurrency, summary)] if m["mode"] == "cpu"
               else [(name, args.concurrency, s) for name, s in summary.items()])
     title = (f"{m['model'].split(' (')[0]}, {m['dtype']}, {m['threads']} threads, {m['gen_tokens']} tokens/request"
@@ -968,7 +961,7 @@ def run_gpu(args, argv=None, device: torch.device | None = None) -> int:
                    "attention_backend": ", ".join(sorted({e['attention_backend'] for e in extra.values()}))},
         "models": extra,
         "loadavg_before": None,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "measure_seconds": round(time.perf_counter() - t_start, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -50,7 +50,7 @@ from pathlib import Path
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 import torch  # noqa: E402
-from bench.common import cpu_name
+from bench.report import cpu_name, loadavg, pyplot, reading_section
 
 # SmolLM2-135M's KV: 30 layers, 3 KV heads, head_dim 64; float32 here.
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda needs a GPU")
-    load_before = _loadavg()
+    load_before = loadavg()
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
              runtime_env={"env_vars": {"UCX_WARN_UNUSED_ENV_VARS": "n"}})
@@ -287,7 +287,7 @@ def _meta(args, argv, sizes, repeats, load_before, total_s) -> dict:
         "page_tokens": args.page_tokens,
         "repeats": repeats,
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "total_seconds": round(total_s, 1),
     }
 
@@ -341,6 +341,7 @@ def _write(stem: Path, meta: dict, results: list[dict]) -> None:
         "",
         f"![bandwidth]({stem.name}.png)",
         "",
+        *reading_section(stem.with_name(stem.name + ".md")),
     ]
     stem.with_name(stem.name + ".md").write_text("\n".join(md))
     _plot(stem.with_name(stem.name + ".png"), meta, results)
@@ -348,10 +349,7 @@ def _write(stem: Path, meta: dict, results: list[dict]) -> None:
 
 
 def _plot(path: Path, meta: dict, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = meta["sizes_mib"]
     kinds = ["memcpy", "raw"] + [f"paged/{pt}" for pt in meta["page_tokens"]]
@@ -374,11 +372,6 @@ def _plot(path: Path, meta: dict, results: list[dict]) -> None:
 
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

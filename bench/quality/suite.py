@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import cpu_name
+from bench.report import cpu_name, pyplot, reading_section
 from bench.compression import metric_deltas
 from bench.needle import wilson
 from bench.server import Server, log
@@ -244,10 +244,7 @@ def table(rows: list[dict], ref: list[dict] | None = None) -> list[str]:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in res["rows"] if r["ratio"]]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -270,17 +267,8 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def read_reading(md: Path) -> str | None:
-    if not md.exists():
-        return None
-    text = md.read_text()
-    i = text.find("## Reading")
-    return text[i:] if i >= 0 else None
-
-
 def render(res: dict, stem: Path) -> None:
     md = stem.with_suffix(".md")
-    reading = read_reading(md) or "## Reading\n\n(write the reading of this run by hand)\n"
     m = res["meta"]
     lines = [
         "# Compression quality: RULER tasks through the serving path", "",
@@ -299,7 +287,7 @@ def render(res: dict, stem: Path) -> None:
     ]
     if res.get("kvpress"):
         lines += ["## kvpress reference (same items, HF transformers, its own venv)", "", *res["kvpress"]["table"], ""]
-    lines += [f"![pareto]({stem.name}.png)", "", reading.rstrip(), ""]
+    lines += [f"![pareto]({stem.name}.png)", "", *reading_section(md)]
     md.write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     plot(res, stem.with_suffix(".png"))
