@@ -7,7 +7,7 @@ by side in one run, on the real SmolLM2.
     python -m bench.compression --render bench/results/compression.json   # .md/.png again from a run
 
 Presets (cluster/compression.py): none (dedup only, lossless), int8, fp8, int4,
-balanced (SnapKV keep 0.5 + int4), max (SnapKV keep 0.25, pyramid budgets, + int4).
+balanced (SnapKV keep 0.5 + int4), max (SnapKV keep 0.25 + int4).
 
 1. **Quality and bytes through the real path.** One ``kvrelay serve`` (bench/server.py):
    1 prefill + 1 decode worker, KV over UCX, the embedded SmolLM2-135M-Instruct, one

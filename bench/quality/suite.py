@@ -65,7 +65,7 @@ SWEEP: dict[str, dict[str, Any]] = {
     "s0.25": {"preset": "max", "keep": 0.25, "quantization": "none", "budgets": "uniform"},
     "s0.5": {"preset": "max", "keep": 0.5, "quantization": "none", "budgets": "uniform"},
     "s0.125+int4": {"preset": "max", "keep": 0.125, "budgets": "uniform"},
-    "s0.25+int4": {"preset": "max", "keep": 0.25, "budgets": "uniform"},
+    "s0.25+int4 pyramid": {"preset": "max", "keep": 0.25, "budgets": "pyramid"},  # max until 2026-12-03
     "s0.125+int4 learned": {"preset": "max", "keep": 0.125, "budgets": "learned"},
     "s0.25+int4 learned": {"preset": "max", "keep": 0.25, "budgets": "learned"},
     "s0.5+int4 learned": {"preset": "max", "keep": 0.5, "budgets": "learned"},
@@ -256,10 +256,11 @@ def plot(res: dict, path: Path) -> None:
     for r in res.get("kvpress", {}).get("rows", []):
         if r.get("ratio"):
             ax.plot(r["ratio"], 100 * r["accuracy"], "x", color="black")
-            ax.annotate(r["config"], (r["ratio"], 100 * r["accuracy"]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+            ax.annotate(f"{r['config']} (n={r['n']})", (r["ratio"], 100 * r["accuracy"]), fontsize=6, xytext=(3, -9),
+                        textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes vs 16-bit KV (x fewer; log2)")
-    ax.set_ylabel("accuracy, evaluation items (%)")
+    ax.set_ylabel("accuracy, evaluation items (%); x: kvpress, its own items")
     ax.set_title(f"kvrelay KV compression on SmolLM2-135M, RULER tasks (n={rows[0]['n'] if rows else 0})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -278,7 +279,8 @@ def render(res: dict, stem: Path) -> None:
         f"| machine | {m['cpu']}, {m['cpu_count']} cores; Python {m['python']}, torch {m['torch']} |",
         f"| server | `kvrelay serve {' '.join(res['server_args'])}` + the config below |",
         f"| items | {res['items_summary']} |",
-        f"| learned profile | `{res['profile']}` |", f"| run time | {m['run_s']:.0f} s |", "",
+        f"| learned profile | `{res['profile']}` |", f"| run time | {m['run_s']:.0f} s |",
+        *([f"| names | {res['relabel']} |"] if res.get("relabel") else []), "",
         "## Results", "",
         *table(res["rows"]), "",
         "Bytes: the prefill worker's wire bytes of each configuration over the 16-bit size of the KV it "
