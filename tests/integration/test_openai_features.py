@@ -1,5 +1,8 @@
 """The OpenAI API as outside clients use it, against one live `kvrelay serve` (real
-Ray, Ray Serve, a prefill and a decode worker over UCX, SmolLM2): penalties,
+Ray, Ray Serve, a prefill and a decode worker over UCX, SmolLM2). Greedy outputs are
+compared with one in-process engine's: the prefill worker samples the first token, the
+decode worker the rest, so equality shows the penalty counts, the grammar state and
+the prompt logprobs crossing the handoff. Penalties,
 logit_bias, structured output (json_object / json_schema, 20 schemas at once), echo
 with prompt logprobs, batched prompts, /tokenize and /detokenize, through the official
 `openai` client and raw HTTP; and lm-eval (`local-completions` loglikelihood,
@@ -71,7 +74,7 @@ PERSON = {
 }
 
 
-def test_json_schema_and_json_object_through_the_openai_client(client):  # noqa: F811
+def test_json_schema_and_json_object_through_the_openai_client(client, engine, tokenizer):  # noqa: F811
     from pydantic import BaseModel, Field
 
     messages = [{"role": "user", "content": "Invent a software engineer and describe them as JSON."}]
@@ -79,6 +82,10 @@ def test_json_schema_and_json_object_through_the_openai_client(client):  # noqa:
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=120, temperature=0, response_format=fmt)
     content = r.choices[0].message.content
     jsonschema.validate(json.loads(content), PERSON)
+    # the prefill worker sampled the first token under the mask, the decode worker rebuilt
+    # the matcher and advanced it by that token: the text equals one engine's
+    want = _greedy(engine, tokenizer.apply_chat_template(messages), max_tokens=120, json_schema=json.dumps(PERSON))
+    assert content == tokenizer.decode(want, skip_special_tokens=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=120, temperature=0, response_format=fmt, stream=True) if c.choices)
     assert streamed == content
