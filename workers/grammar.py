@@ -27,11 +27,17 @@ from workers.request import Request
 log = logging.getLogger(__name__)
 
 
+# Whitespace between JSON tokens: any JSON whitespace, as the library allows by default,
+# but at most 20 characters per gap, so a small model cannot spend its whole budget on
+# newlines (pretty-printed output still fits; a schema's own "x-guidance" overrides it).
+WHITESPACE = r"[\x20\x0A\x0D\x09]{1,20}"
+
+
 def grammar_for(json_schema: str) -> str:
     """The llguidance grammar of a JSON schema (JSON text)."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(json.loads(json_schema))
+    return llguidance.LLMatcher.grammar_from_json_schema(json.loads(json_schema), defaults={"whitespace_pattern": WHITESPACE})
 
 
 def schema_error(json_schema: str) -> str | None:
