@@ -37,7 +37,7 @@ def server():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 600  # a busy 2-core CI host can take minutes to start Ray, Serve and two workers
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"kvrelay serve exited early:\n{proc.stdout.read()[-4000:]}")
