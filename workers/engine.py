@@ -137,8 +137,10 @@ class Engine:
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        if params.json_schema is not None and self.sampler.grammars is None:
-            raise ValueError("json_schema needs the model's tokenizer, which this engine does not have")
+        if params.json_schema is not None:
+            if self.sampler.grammars is None:
+                raise ValueError("json_schema needs the model's tokenizer, which this engine does not have")
+            self.sampler.grammars.preload()  # overlaps this request's prefill
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "

@@ -79,11 +79,24 @@ class Grammars:
         self._load = hf_tokenizer_loader
         self._tokenizer = None  # llguidance.LLTokenizer
         self._lock = threading.Lock()
+        self._preloading = False
 
     def preload(self) -> None:
-        """Build the tokenizer on a background thread (seconds on a busy CPU for a GGUF
-        vocabulary), so the first structured request does not stall the step loop."""
-        threading.Thread(target=lambda: self.tokenizer, name="grammar-tokenizer", daemon=True).start()
+        """Start building the tokenizer on a background thread (seconds on a busy CPU
+        for a GGUF vocabulary). The engine calls this when the first structured request
+        is admitted or reserved, so the load overlaps that request's prefill instead of
+        stalling the step loop; engines that never see one never pay for it."""
+        if self._preloading or self._tokenizer is not None:
+            return
+        self._preloading = True
+
+        def load() -> None:
+            try:
+                self.tokenizer
+            except Exception as e:  # noqa: BLE001 - the sampler raises it again, on the request
+                log.warning("grammar tokenizer: %s", e)
+
+        threading.Thread(target=load, name="grammar-tokenizer", daemon=True).start()
 
     @property
     def tokenizer(self):

@@ -70,8 +70,6 @@ class WorkerBase:
         if spec.engine.num_threads:
             torch.set_num_threads(spec.engine.num_threads)
         self.engine = Engine(spec.engine)
-        if self.engine.sampler.grammars is not None:  # structured output: no stall on the first request
-            self.engine.sampler.grammars.preload()
         self.aengine = AsyncEngine(self.engine)
         kv = self.engine.kv_cache.spec
         self.layout = KVLayout(
