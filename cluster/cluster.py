@@ -155,7 +155,8 @@ class KVRelayCluster:
                     fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
                     emitted = max(emitted, out.num_output_tokens)
                     yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
-                                        out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens)
+                                        out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
+                                        out.prompt_logprobs)
                 return
             except TimeoutError as e:
                 # A worker that did not answer in time, before anything reached the
@@ -200,7 +201,7 @@ class KVRelayCluster:
             if first is not None:
                 shadow = self._maybe_shadow(rid, prompt, params, p, desc.plan, first.first_token)
                 yield RequestOutput(rid, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
-                                    False, None, first.num_prompt_tokens, first.num_cached_tokens, 1)
+                                    False, None, first.num_prompt_tokens, first.num_cached_tokens, 1, first.prompt_logprobs)
             args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None)
             seen = [first.first_token] if first is not None else []
             async for out in d.handle.stream("decode", *args, item_timeout_s=dl.token_s):

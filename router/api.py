@@ -6,6 +6,8 @@ Every response carries an ``x-request-id`` (set by Ray Serve); every error is Op
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +28,15 @@ from cluster.worker_handle import WorkerDiedError
 from router import errors
 from router.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, ModelCard,
-    ModelList, Usage, chat_completion_id, chat_logprobs, completion_id, completion_logprobs, now,
+    ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, Usage, chat_completion_id,
+    chat_logprobs, completion_id, completion_logprobs, now,
 )
 from router.metrics import status_of_http
 from router.service import ChoiceEvent, RequestResult, RouterService
 from workers.engine import CapacityError
+from workers.grammar import schema_error
+from workers.request import TokenLogprobs
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="kvrelay", version="0.1.0")
@@ -72,6 +77,8 @@ def _request_id(request: Request) -> str:
 
 # Requests counted in kvrelay_requests_total{status}.
 _COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+# Besides /v1/*, the API key guards vLLM's tokenizer endpoints.
+_KEYED_PATHS = ("/tokenize", "/detokenize")
 
 
 @app.middleware("http")
@@ -82,7 +89,7 @@ async def _request_id_auth_and_count(request: Request, call_next):
     service: RouterService | None = _current.get("service")
     counted = service is not None and request.method == "POST" and request.url.path in _COUNTED_PATHS
     key = None if service is None else (service.config.router.api_key or os.environ.get("KVRELAY_API_KEY"))
-    if key and request.url.path.startswith("/v1/"):
+    if key and (request.url.path.startswith("/v1/") or request.url.path in _KEYED_PATHS):
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         if not given or not secrets.compare_digest(given, key):
@@ -194,15 +201,34 @@ def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, c
         raise errors.context_length_exceeded(s.max_model_len, len(prompt), max_tokens, chat=chat)
 
 
+def _check_sampling(s: RouterService, req) -> None:
+    """What needs the model to check: bias token ids against the vocabulary, and that
+    the response schema compiles."""
+    vocab = s.model_config.vocab_size
+    bad = [t for t in req.bias_token_ids if t >= vocab]
+    if bad:
+        raise errors.invalid_request(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "logit_bias")
+    schema = req.json_schema
+    if schema is not None:
+        problem = schema_error(schema)
+        if problem:
+            raise errors.invalid_request(f"response_format: the JSON schema does not compile: {problem}", "response_format")
+
+
 @app.post("/v1/completions")
 async def completions(request: Request):
     s = _service(request)
     req: CompletionRequest = await _parse(request, CompletionRequest)
     _admit(s, req.model)
-    prompt = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt, add_special_tokens=True)
-    _check_prompt(s, prompt, req.max_tokens, chat=False)
+    _check_sampling(s, req)
+    prompts = [list(p) if isinstance(p, list) else s.tokenizer.encode(p, add_special_tokens=True) for p in req.prompt]
+    for p in prompts:
+        _check_prompt(s, p, req.max_tokens, chat=False)
     params = [req.to_sampling_params(choice_index=i) for i in range(req.n)]
-    return await _respond(s, request, req, prompt, params, chat=False)
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else s.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
+    return await _respond(s, request, req, prompts, params, chat=False, echo=echo)
 
 
 @app.post("/v1/chat/completions")
@@ -210,11 +236,45 @@ async def chat_completions(request: Request):
     s = _service(request)
     req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     _admit(s, req.model)
+    _check_sampling(s, req)
     prompt = s.tokenizer.apply_chat_template(req.template_messages())
     _check_prompt(s, prompt, req.requested_max_tokens, chat=True)
     room = s.max_model_len - len(prompt)
     params = [req.to_sampling_params(default_max_tokens=room, choice_index=i) for i in range(req.n)]
-    return await _respond(s, request, req, prompt, params, chat=True)
+    return await _respond(s, request, req, [prompt], params, chat=True)
+
+
+def _check_model(s: RouterService, model: str | None) -> None:
+    if model is not None and model != s.model_id:
+        raise errors.model_not_found(model)
+
+
+@app.post("/tokenize")
+async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's shape: {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens", "token_strs"}."""
+    s = _service(request)
+    req: TokenizeRequest = await _parse(request, TokenizeRequest)
+    _check_model(s, req.model)
+    if req.prompt is not None:
+        special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = s.tokenizer.encode(req.prompt, add_special_tokens=special)
+    else:
+        ids = s.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages],
+                                              add_generation_prompt=req.add_generation_prompt)
+    strs = s.tokenizer.hf.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=s.max_model_len, tokens=ids, token_strs=strs).model_dump())
+
+
+@app.post("/detokenize")
+async def detokenize(request: Request) -> JSONResponse:
+    """vLLM's shape: {"tokens": [ids]} -> {"prompt": text}."""
+    s = _service(request)
+    req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
+    _check_model(s, req.model)
+    vocab = s.model_config.vocab_size
+    if any(t >= vocab for t in req.tokens):
+        raise errors.invalid_request(f"tokens has ids outside the vocabulary [0, {vocab})", "tokens")
+    return JSONResponse(DetokenizeResponse(prompt=s.tokenizer.decode(req.tokens)).model_dump())
 
 
 # ---- response building --------------------------------------------------------------------
@@ -224,30 +284,111 @@ def _token_texts(s: RouterService, ids: list[int]) -> list[str]:
     return [s.tokenizer.decode([t]) for t in ids]
 
 
-def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0):
-    if not ev.logprobs:
+def _lp_lists(s: RouterService, ids: list[int], entries: list[TokenLogprobs | None]):
+    """(token texts, logprobs, top alternatives) of a run of tokens; an entry None (the
+    first prompt token) stays None."""
+    lps = [e.logprob if e is not None else None for e in entries]
+    top = [[(s.tokenizer.decode([t]), v) for t, v in e.top] if e is not None else None for e in entries]
+    return _token_texts(s, ids), lps, top
+
+
+def _logprobs(s: RouterService, ev: ChoiceEvent, chat: bool, offset: int = 0, echo: _Echo | None = None):
+    """The logprobs of one event; with ``echo`` (a completion's first event) the
+    prompt's tokens come first."""
+    if not ev.logprobs and echo is None:
         return None
-    tokens = _token_texts(s, [lp.token_id for lp in ev.logprobs])
-    lps = [lp.logprob for lp in ev.logprobs]
-    top = [[(s.tokenizer.decode([t]), v) for t, v in lp.top] for lp in ev.logprobs]
-    return chat_logprobs(tokens, lps, top) if chat else completion_logprobs(tokens, lps, top, offset)
+    tokens, lps, top = _lp_lists(s, [lp.token_id for lp in ev.logprobs], list(ev.logprobs))
+    if chat:
+        return chat_logprobs(tokens, lps, top)
+    if echo is not None:
+        entries = ev.prompt_logprobs or [None] * len(echo.ids)
+        p_tokens, p_lps, p_top = _lp_lists(s, echo.ids, entries)
+        tokens, lps, top = p_tokens + tokens, p_lps + lps, p_top + top
+    return completion_logprobs(tokens, lps, top, offset)
 
 
-async def _respond(s: RouterService, request: Request, req, prompt: list[int], params, chat: bool):
+@dataclasses.dataclass(frozen=True)
+class _Echo:
+    """A completion's prompt, returned before its text (``echo``)."""
+
+    text: str
+    ids: list[int]
+    logprobs: bool  # also the prompt tokens' logprobs
+
+
+class _Run:
+    """Every prompt of one request, run at once: choice ``k * n + i`` is choice i of
+    prompt k, and usage is the sum over the prompts."""
+
+    def __init__(self, s: RouterService, req, prompts: list[list[int]], params, arrival: float) -> None:
+        self.n = len(params)
+        self.results = [RequestResult(prompt_tokens=len(p), arrival=arrival) for p in prompts]
+        self.streams = [s.run(p, params, req.stop_strings, r, compression=req.kv_compression)
+                        for p, r in zip(prompts, self.results)]
+
+    @property
+    def usage(self) -> Usage:
+        rs = self.results
+        return Usage.of(sum(r.prompt_tokens for r in rs), sum(r.completion_tokens for r in rs), sum(r.cached_tokens for r in rs))
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        if len(self.streams) == 1:
+            stream = self.streams[0]
+            try:
+                async for ev in stream:
+                    yield ev
+            finally:
+                await stream.aclose()  # a gone client: the request aborts on its workers now
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, stream: AsyncIterator[ChoiceEvent]) -> None:
+            try:
+                async for ev in stream:
+                    await queue.put(dataclasses.replace(ev, index=k * self.n + ev.index))
+                await queue.put(None)
+            except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+                await queue.put(e)
+
+        tasks = [asyncio.create_task(pump(k, st)) for k, st in enumerate(self.streams)]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:  # a failed prompt or a gone client: stop the others (their workers abort)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _respond(s: RouterService, request: Request, req, prompts: list[list[int]], params, chat: bool,
+                   echo: list[str] | None = None):
     try:
         s.config.transfer.compression.resolve(req.kv_compression)
     except ValueError as e:
         raise errors.invalid_request(str(e), "kv_compression") from None
-    result = RequestResult(prompt_tokens=len(prompt), arrival=getattr(request.state, "arrival", time.monotonic()))
-    stream = s.run(prompt, params, req.stop_strings, result, compression=req.kv_compression)
+    run = _Run(s, req, prompts, params, getattr(request.state, "arrival", time.monotonic()))
+    n = len(params)
+    echoes = None
+    if echo is not None:
+        want = req.logprobs is not None
+        echoes = {k * n + i: _Echo(text, ids, want) for k, (text, ids) in enumerate(zip(echo, prompts)) for i in range(n)}
+    stream = run.events()
     s.inflight += 1
     if req.stream:
         request.state.streaming = True
-        return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream")
+        return StreamingResponse(_sse(s, req, stream, run, chat, echoes), media_type="text/event-stream")
+    num = len(prompts) * n
     try:
-        texts: dict[int, list[str]] = {i: [] for i in range(len(params))}
+        texts: dict[int, list[str]] = {i: [] for i in range(num)}
         reasons: dict[int, str | None] = {}
-        events: dict[int, list[ChoiceEvent]] = {i: [] for i in range(len(params))}
+        events: dict[int, list[ChoiceEvent]] = {i: [] for i in range(num)}
         async for ev in stream:
             texts[ev.index].append(ev.text)
             events[ev.index].append(ev)
@@ -258,19 +399,24 @@ async def _respond(s: RouterService, request: Request, req, prompt: list[int], p
         raise _as_api_error(e) from None
     finally:
         s.inflight -= 1
-    usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    usage = run.usage
     if chat:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), finish_reason=reasons.get(i),
                               logprobs=_merged_logprobs(s, events[i], True)) for i in texts]
         return JSONResponse(ChatCompletionResponse(model=s.model_id, choices=choices, usage=usage).model_dump())
-    choices = [CompletionChoice(index=i, text="".join(texts[i]), finish_reason=reasons.get(i),
-                                logprobs=_merged_logprobs(s, events[i], False)) for i in texts]
+    choices = []
+    for i in texts:
+        e = echoes[i] if echoes else None
+        text = (e.text if e else "") + "".join(texts[i])
+        lp = _merged_logprobs(s, events[i], False, e) if req.logprobs is not None else None
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=reasons.get(i), logprobs=lp))
     return JSONResponse(CompletionResponse(model=s.model_id, choices=choices, usage=usage).model_dump())
 
 
-def _merged_logprobs(s: RouterService, events: list[ChoiceEvent], chat: bool):
-    merged = ChoiceEvent(0, "", [], [lp for ev in events for lp in ev.logprobs])
-    return _logprobs(s, merged, chat)
+def _merged_logprobs(s: RouterService, events: list[ChoiceEvent], chat: bool, echo: _Echo | None = None):
+    plp = next((ev.prompt_logprobs for ev in events if ev.prompt_logprobs is not None), None)
+    merged = ChoiceEvent(0, "", [], [lp for ev in events for lp in ev.logprobs], None, plp)
+    return _logprobs(s, merged, chat, echo=echo if echo is not None and echo.logprobs else None)
 
 
 def _status(e: BaseException) -> str:
@@ -305,7 +451,8 @@ def _as_api_error(e: BaseException) -> BaseException:
     return e  # cancellation: let it propagate
 
 
-async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result: RequestResult, chat: bool):
+async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], run: _Run, chat: bool,
+               echoes: dict[int, _Echo] | None = None):
     rid = chat_completion_id() if chat else completion_id()
     created = now()
     usage_kw: dict[str, Any] = {"usage": None} if req.include_usage else {}
@@ -316,6 +463,7 @@ async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result
     role_sent: set[int] = set()
     try:
         offsets: dict[int, int] = {}
+        echoes = dict(echoes or {})  # popped at each choice's first event
         async for ev in stream:
             if chat:
                 delta = ChatDelta(content=ev.text) if ev.text or not ev.finish_reason else ChatDelta()
@@ -325,13 +473,17 @@ async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result
                 choice = ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=_logprobs(s, ev, True))
                 chunk = ChatCompletionChunk(id=rid, created=created, model=s.model_id, choices=[choice], **usage_kw)
             else:
-                lp = _logprobs(s, ev, False, offsets.get(ev.index, 0))
-                offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
-                choice = CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp)
+                e = echoes.pop(ev.index, None)
+                text = (e.text if e else "") + ev.text
+                lp = None
+                if req.logprobs is not None:
+                    lp = _logprobs(s, ev, False, offsets.get(ev.index, 0), e if e is not None and e.logprobs else None)
+                offsets[ev.index] = offsets.get(ev.index, 0) + len(text)
+                choice = CompletionChoice(index=ev.index, text=text, finish_reason=ev.finish_reason, logprobs=lp)
                 chunk = CompletionChunk(id=rid, created=created, model=s.model_id, choices=[choice], **usage_kw)
             yield f"data: {chunk.model_dump_json()}\n\n"
         if req.include_usage:
-            usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+            usage = run.usage
             cls = ChatCompletionChunk if chat else CompletionChunk
             yield f"data: {cls(id=rid, created=created, model=s.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"

@@ -42,13 +42,15 @@ class PendingPrefixes:
         if entry is None:
             return
         worker, hashes = entry
-        counts = self._by_worker[worker]
+        # A prompt shorter than a block has no hashes: another prompt's removal may
+        # already have dropped the worker's (empty) counter.
+        counts = self._by_worker.get(worker, Counter())
         counts.subtract(hashes)
         for h in hashes:
             if counts[h] <= 0:
                 del counts[h]
         if not counts:
-            del self._by_worker[worker]
+            self._by_worker.pop(worker, None)
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """Leading blocks of ``block_hashes`` that an in-flight prompt shares, per worker

@@ -7,9 +7,12 @@ Requests are validated at the edge, and every problem becomes a 400 through
   kept in ``ignored_fields`` so the server can log them.
 * Known fields must have the right JSON type: no bools for ints (``max_tokens: true``),
   no strings for numbers. ``null`` means "the default" for every optional field.
-* Features this server does not have (tools, penalties, echo, suffix, best_of, JSON
-  mode, logit_bias) are refused with "not supported" instead of silently ignored,
-  unless the value asks for nothing (``presence_penalty: 0``, ``tools: []``).
+* Features this server does not have (tools, suffix, best_of != n, response_format
+  types other than text / json_object / json_schema) are refused with "not supported"
+  instead of silently ignored, unless the value asks for nothing (``tools: []``).
+* Ranges: presence / frequency penalty in [-2, 2], repetition_penalty in (0, 2],
+  logit_bias values in [-100, 100] with integer token-id keys (the vocabulary bound and
+  the schema's compilation are checked by the API, which knows the model).
 
 A request gives the engine's ``SamplingParams`` per choice (``to_sampling_params``);
 stop *strings* are not engine parameters: the router applies them to detokenized text
@@ -20,6 +23,7 @@ Responses serialize exactly as OpenAI's JSON (``model_dump()`` / ``model_dump_js
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -40,11 +44,13 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from workers.sampling_params import SamplingParams
+from workers.sampling_params import BIAS_RANGE, MAX_LOGPROBS, PENALTY_RANGE, REPETITION_RANGE, SamplingParams
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
-MAX_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_CHOICES = 128  # prompts x n
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens the same way
 
@@ -57,6 +63,10 @@ LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 def _unsupported(message: str) -> PydanticCustomError:
     # The message goes through the context so braces in it are not read as a template.
     return PydanticCustomError("unsupported_parameter", "{detail}", {"detail": message})
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -103,9 +113,12 @@ class _SamplingRequest(BaseModel):
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0  # vLLM extension
     ignore_eos: StrictBool = False  # vLLM extension
     skip_special_tokens: StrictBool = True  # vLLM extension
-    presence_penalty: Number = 0.0  # only 0
-    frequency_penalty: Number = 0.0  # only 0
-    logit_bias: dict[str, Any] | None = None  # only empty
+    presence_penalty: Annotated[Number, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])] = 0.0
+    repetition_penalty: Annotated[Number, Field(gt=REPETITION_RANGE[0], le=REPETITION_RANGE[1])] = 1.0  # vLLM extension
+    logit_bias: dict[str, Any] | None = None  # {"token id": bias}; normalized to {int: float}
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: dict[str, Any] | None = None
     # kvrelay extension: the KV payload preset for this request (None: the deployment's);
     # the names are the built-in presets and the deployment's own, checked by the API.
     kv_compression: StrictStr | None = None
@@ -133,18 +146,45 @@ class _SamplingRequest(BaseModel):
                 raise _invalid(f"stop[{i}] is empty; stop strings must be non-empty")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float, info: Any) -> float:
-        if v != 0:
-            raise _unsupported(f"{info.field_name} is not supported by this server (only 0)")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v:
-            raise _unsupported("logit_bias is not supported by this server")
+    def _bias_map(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise _invalid(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} are supported")
+        out = {}
+        lo, hi = BIAS_RANGE
+        for key, bias in v.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise _invalid(f"logit_bias keys must be token ids (integers as strings), got {key!r}") from None
+            if token < 0:
+                raise _invalid(f"logit_bias key {key!r} is negative; token ids are >= 0")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise _wrong_type(f"logit_bias[{key!r}] must be a number")
+            if not lo <= bias <= hi:
+                raise _invalid(f"logit_bias[{key!r}] = {bias} is outside [{lo:g}, {hi:g}]")
+            out[str(token)] = float(bias)
+        return out
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        kind = v.get("type")
+        if kind in ("text", "json_object"):
+            return v
+        if kind != "json_schema":
+            raise _unsupported(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'")
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _wrong_type("response_format.json_schema must be an object like {\"name\": ..., \"schema\": {...}}")
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise _wrong_type("response_format.json_schema.schema must be a JSON schema object")
         return v
 
     @model_validator(mode="after")
@@ -183,6 +223,25 @@ class _SamplingRequest(BaseModel):
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
+    @property
+    def json_schema(self) -> str | None:
+        """The schema every choice must follow (JSON text), from response_format; None for text."""
+        fmt = self.response_format
+        if fmt is None or fmt.get("type") == "text":
+            return None
+        if fmt["type"] == "json_object":
+            return json.dumps({"type": "object"})
+        return json.dumps(fmt["json_schema"]["schema"])
+
+    @property
+    def bias_token_ids(self) -> list[int]:
+        return [int(t) for t in self.logit_bias or {}]
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs (echo with logprobs on completions)."""
+        return None
+
     def to_sampling_params(self, default_max_tokens: int | None = None, choice_index: int = 0) -> SamplingParams:
         """The engine's parameters for choice ``choice_index`` of ``n``.
 
@@ -211,14 +270,22 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             logprobs=self.engine_logprobs,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
+            json_schema=self.json_schema,
+            prompt_logprobs=self.engine_prompt_logprobs,
         )
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. One prompt per request: a string or a list of token ids
-    (a list holding exactly one of those is unwrapped)."""
+    """POST /v1/completions. ``prompt``: a string, a list of token ids, or a list of
+    those (up to MAX_PROMPTS); normalized to a list of prompts. Choice ``k * n + i`` is
+    choice i of prompt k. ``echo`` returns each prompt before its completion; with
+    ``logprobs`` also the prompt tokens' logprobs (the first one null)."""
 
-    prompt: str | list[int]
+    prompt: list[str | list[int]]
     max_tokens: PositiveInt = 16
     logprobs: LogprobCount | None = None
     echo: StrictBool = False
@@ -227,30 +294,28 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]
-        if isinstance(v, str):
-            if not v:
-                raise _invalid("prompt must not be empty")
-            return v
+    def _prompts(cls, v: Any) -> Any:
+        shape = "prompt must be a string, an array of token ids, or an array of strings or token-id arrays"
+        if isinstance(v, str) or (isinstance(v, list) and v and all(_is_token(t) for t in v)):
+            v = [v]
         if not isinstance(v, list):
-            raise _wrong_type("prompt must be a string, an array of token ids, or an array holding one of those")
+            raise _wrong_type(shape)
         if not v:
             raise _invalid("prompt must not be empty")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-            if min(v) < 0:
-                raise _invalid("token ids in prompt must be >= 0")
-            return v
-        if all(isinstance(p, (str, list)) for p in v):
-            raise _unsupported(f"batched prompts ({len(v)} in one request) are not supported; send one per request")
-        raise _wrong_type("prompt must be a string, an array of token ids, or an array holding one of those")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise _unsupported("echo is not supported by this server")
+        if len(v) > MAX_PROMPTS:
+            raise _invalid(f"at most {MAX_PROMPTS} prompts per request are supported, got {len(v)}")
+        for i, p in enumerate(v):
+            where = "prompt" if len(v) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                if not p:
+                    raise _invalid(f"{where} must not be empty")
+            elif isinstance(p, list) and all(_is_token(t) for t in p):
+                if not p:
+                    raise _invalid(f"{where} must not be empty")
+                if min(p) < 0:
+                    raise _invalid(f"token ids in {where} must be >= 0")
+            else:
+                raise _wrong_type(shape)
         return v
 
     @field_validator("suffix")
@@ -265,11 +330,18 @@ class CompletionRequest(_SamplingRequest):
         if self.best_of is not None and self.best_of != self.n:
             problem = f"best_of is not supported by this server (it must equal n={self.n} or be omitted)"
             raise _reject("best_of", self.best_of, _unsupported(problem))
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            problem = f"{len(self.prompt)} prompts x n={self.n} choices is over the limit of {MAX_CHOICES}"
+            raise _reject("n", self.n, _invalid(problem))
         return self
 
     @property
     def engine_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -327,7 +399,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
     top_logprobs: LogprobCount | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -338,13 +409,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def _some_messages(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise _invalid("messages must be a non-empty array")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise _unsupported(f"response_format type {v.get('type')!r} is not supported; only 'text'")
         return v
 
     @field_validator("tools", "functions")
@@ -441,9 +505,12 @@ class _Chunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo, the prompt's tokens come first; the first prompt token's logprob and
+    top_logprobs are null (nothing predicts it)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -562,6 +629,49 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ================================================================= tokenize / detokenize
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): ``prompt`` (completions) or ``messages`` (chat,
+    through the chat template). ``model`` is optional; if given it must be the served one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = None  # default: True for prompt, False for messages
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _reject("prompt", None, _invalid("give exactly one of 'prompt' and 'messages'"))
+        if self.messages is not None and not self.messages:
+            raise _reject("messages", None, _invalid("messages must be a non-empty array"))
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ================================================================= logprob builders
 
 
@@ -571,14 +681,14 @@ def _finite(logprob: float) -> float:
 
 def completion_logprobs(
     tokens: Sequence[str],
-    logprobs: Sequence[float],
-    top: Sequence[Sequence[tuple[str, float]]] | None = None,
+    logprobs: Sequence[float | None],
+    top: Sequence[Sequence[tuple[str, float]] | None] | None = None,
     text_offset: int = 0,
 ) -> CompletionLogprobs:
     """The legacy completions shape for a run of tokens.
 
-    tokens:      [T] the text of each sampled token
-    logprobs:    [T] its logprob
+    tokens:      [T] the text of each token
+    logprobs:    [T] its logprob (None: an echoed first prompt token; its top entry is then None too)
     top:         [T][k] (token text, logprob) best first, or None when not asked for;
                  each dict also holds the sampled token, as OpenAI's does (up to k + 1)
     text_offset: where the first token starts in the choice's text (for a stream, the
@@ -594,13 +704,17 @@ def completion_logprobs(
     if top is not None:
         top_dicts = []
         for tok, lp, alts in zip(tokens, logprobs, top):
+            if lp is None:
+                top_dicts.append(None)
+                continue
             d: dict[str, float] = {}
             for alt, alt_lp in alts:
                 d.setdefault(alt, _finite(alt_lp))  # two ids with one text: keep the likelier
             d.setdefault(tok, _finite(lp))
             top_dicts.append(d)
     return CompletionLogprobs(
-        tokens=list(tokens), token_logprobs=[_finite(x) for x in logprobs], top_logprobs=top_dicts, text_offset=offsets
+        tokens=list(tokens), token_logprobs=[None if x is None else _finite(x) for x in logprobs],
+        top_logprobs=top_dicts, text_offset=offsets,
     )
 
 
@@ -632,6 +746,6 @@ __all__ = [
     "MAX_LOGPROBS", "MAX_N", "MAX_STOP_STRINGS", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk",
     "ChatCompletionRequest", "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage",
     "ChatResponseMessage", "ChatTokenLogprob", "CompletionChoice", "CompletionChunk", "CompletionLogprobs",
-    "CompletionRequest", "CompletionResponse", "ModelCard", "ModelList", "PromptTokensDetails", "StreamOptions",
-    "TopLogprob", "Usage", "chat_completion_id", "chat_logprobs", "completion_id", "completion_logprobs", "now",
+    "CompletionRequest", "CompletionResponse", "DetokenizeRequest", "DetokenizeResponse", "ModelCard", "ModelList", "PromptTokensDetails", "StreamOptions",
+    "TokenizeRequest", "TokenizeResponse", "TopLogprob", "Usage", "chat_completion_id", "chat_logprobs", "completion_id", "completion_logprobs", "now",
 ]

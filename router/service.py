@@ -54,6 +54,9 @@ class ChoiceEvent:
     token_ids: list[int]
     logprobs: list[TokenLogprobs]
     finish_reason: str | None = None  # "stop" | "length" once finished
+    # On a choice's first event when its parameters asked for prompt logprobs (echo):
+    # per prompt position, that token's logprob (position 0: None).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -272,14 +275,16 @@ class RouterService:
                         result.cached_tokens = out.num_cached_tokens
                     result.completion_tokens += len(out.new_token_ids)
                     delta = stream.add(out.new_token_ids)
+                    plp = out.prompt_logprobs
                     if delta.stopped:
-                        await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs, "stop"))
+                        await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs, "stop", plp))
                         return  # leaving the generator aborts the request on its workers
                     if out.finished:
                         tail = stream.finish()
-                        await queue.put(ChoiceEvent(i, delta.text + tail.text, out.new_token_ids, out.new_logprobs, out.finish_reason))
+                        await queue.put(ChoiceEvent(i, delta.text + tail.text, out.new_token_ids, out.new_logprobs,
+                                                    out.finish_reason, plp))
                         return
-                    await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs))
+                    await queue.put(ChoiceEvent(i, delta.text, out.new_token_ids, out.new_logprobs, None, plp))
             except BaseException as e:
                 await queue.put(e)
                 raise

@@ -32,7 +32,7 @@ class ColocatedWorker(PrefillWorker, DecodeWorker):
         try:
             first = await self.prefill(f"{request_id}#prefill", prompt, params, desc)
             yield RequestOutput(request_id, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
-                                False, None, first.num_prompt_tokens, first.num_cached_tokens, 1)
+                                False, None, first.num_prompt_tokens, first.num_cached_tokens, 1, first.prompt_logprobs)
             async for out in self.decode(request_id, first.first_token, first.first_logprobs, first.rng_state):
                 finished = out.finished
                 yield out

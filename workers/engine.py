@@ -18,6 +18,7 @@ import torch
 from workers.attention import get_backend
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
+from workers.grammar import Grammars, load_hf_tokenizer
 from workers.kv_cache import KVCache, KVCacheSpec
 from workers.loader import LoadedModel, load_model, resolve_model
 from workers.model_runner import ModelRunner
@@ -44,6 +45,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
+    # With params.prompt_logprobs, on the request's first token only: per prompt position
+    # the logprob of that prompt token (position 0: None).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,9 @@ class Engine:
         self.kv_cache = KVCache(spec, num_blocks, loaded.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(loaded.config.eos_token_ids, config.seed)
+        source = loaded.source
+        grammars = Grammars(lambda: load_hf_tokenizer(source)) if source is not None else None
+        self.sampler = Sampler(loaded.config.eos_token_ids, config.seed, grammars)
         backend = get_backend(config.attention_backend, loaded.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
         self.requests: dict[str, Request] = {}
@@ -128,6 +134,13 @@ class Engine:
         if bad:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         n = len(prompt_token_ids)
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if params.json_schema is not None:
+            if self.sampler.grammars is None:
+                raise ValueError("json_schema needs the model's tokenizer, which this engine does not have")
+            self.sampler.grammars.preload()  # overlaps this request's prefill
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
@@ -331,7 +344,8 @@ class Engine:
             reason = self._stop_reason(req, s.token_id)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(self._output(req, s.token_id, s.logprobs))
+            first = req.num_output_tokens == 1 and req.prompt_logprobs is not None
+            outputs.append(self._output(req, s.token_id, s.logprobs, req.prompt_logprobs if first else None))
         return outputs
 
     def _finish(self, req: Request, reason: RequestStatus) -> None:
@@ -354,7 +368,9 @@ class Engine:
         return None
 
     @staticmethod
-    def _output(req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _output(
+        req: Request, token: int, logprobs: TokenLogprobs | None, prompt_logprobs: list[TokenLogprobs | None] | None = None
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=[token],
@@ -364,6 +380,7 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ---- convenience ----------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from workers.attention import AttentionBackend, AttentionBatch
 from workers.kv_cache import KVCache
 from workers.model.llama import LlamaForCausalLM
+from workers.prompt_logprobs import fill_prompt_logprobs
 from workers.sampler import SampledToken, Sampler
 from workers.scheduler import ScheduledChunk
 
@@ -86,6 +87,12 @@ class ModelRunner:
             def after_layer(i: int, q: torch.Tensor) -> None:
                 observer(chunks, LayerDone(i, q, qsl))
         hidden = self.model(input_ids, positions, plan, after_layer)
+        for i, c in enumerate(chunks):
+            r = c.request
+            if r.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
+                qsl = batch.query_start_loc
+                fill_prompt_logprobs(r, r.num_computed_tokens, r.num_computed_tokens + c.num_new_tokens,
+                                     hidden[qsl[i] : qsl[i + 1]], self.model.compute_logits)
         sampling = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return {}

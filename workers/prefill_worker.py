@@ -39,6 +39,8 @@ class PrefillResult:
     layer_computed_at: dict[int, float]  # wall clock when each layer's K/V were in the cache
     layer_sent_at: dict[int, float]
     prefill_seconds: float
+    # params.prompt_logprobs: the prompt tokens' logprobs, computed during this prefill
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class PrefillWorker(WorkerBase):
@@ -91,7 +93,7 @@ class PrefillWorker(WorkerBase):
             self.engine.add_request(request_id, prompt, first_only)
             holder["req"] = req = self.engine.requests[request_id]
             if desc.plan.sparse:  # the selection scores with the whole window's queries
-                req.min_uncached_tokens = min(len(prompt), desc.plan.window)
+                req.min_uncached_tokens = max(req.min_uncached_tokens, min(len(prompt), desc.plan.window))
 
         try:
             first = None
@@ -128,6 +130,7 @@ class PrefillWorker(WorkerBase):
             layer_computed_at=layer_times,
             layer_sent_at=dict(sender.layer_sent_at),
             prefill_seconds=time.perf_counter() - start,
+            prompt_logprobs=first.prompt_logprobs,
         )
         self.recent[request_id] = result
         while len(self.recent) > 256:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -99,10 +100,19 @@ class Request:
     # KV from slot private_from_block * block_size on is lossy (compressed payload, or
     # computed over one): never registered in the prefix cache. None: all exact.
     private_from_block: int | None = None
+    # Structured output: the matcher state (workers/grammar.py), built on first use.
+    grammar: Any = None
+    # params.prompt_logprobs: per prompt position, the logprob of that prompt token given
+    # the ones before it (position 0 has none). Filled while the prompt is computed; the
+    # whole prompt is then computed, prefix cache or not.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.block_hashes = hash_blocks(self.token_ids, self.block_size, self.extra_keys)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
+            self.min_uncached_tokens = self.num_prompt_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,10 @@
-"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds,
-min_tokens, and logprobs of the sampled token (plus optional top-k alternatives).
+"""Turn logits into tokens: penalties and logit bias (workers/logits_processors.py),
+the structured-output mask (workers/grammar.py), min_tokens, then greedy or
+temperature / top-k / top-p with per-request seeds; and logprobs of the sampled token
+(plus optional top-k alternatives).
 
 Logprobs are the model's own distribution (log-softmax of the raw logits), before
-temperature or truncation, as vLLM reports them by default."""
+penalties, bias, masks, temperature or truncation, as vLLM reports them by default."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.grammar import Grammars
+from workers.logits_processors import apply_penalties, needs_processing
 from workers.request import Request, TokenLogprobs
 
 
@@ -35,9 +39,10 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0, grammars: Grammars | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self._seeds = torch.Generator().manual_seed(seed)
+        self.grammars = grammars
 
     def generator_for(self, req: Request) -> torch.Generator:
         """A request's own RNG: seeded by the request, else drawn from the engine's."""
@@ -51,6 +56,14 @@ class Sampler:
         logits = logits.float().cpu()
         want_lp = any(r.params.logprobs is not None for r in requests)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        structured = any(r.params.json_schema is not None for r in requests)
+        if structured and self.grammars is None:
+            raise ValueError("this engine has no grammar support (no tokenizer): json_schema requests are refused")
+        if structured or needs_processing(requests):
+            logits = logits.clone()  # [N, V]: the raw rows stay what the logprobs report
+            apply_penalties(logits, requests)
+            if structured:
+                self.grammars.apply_masks(logits, requests)
         out = []
         for i, req in enumerate(requests):
             p = req.params

@@ -1,8 +1,17 @@
-"""Per-request sampling parameters, validated when built."""
+"""Per-request sampling parameters, validated when built.
+
+Torch-free: they cross processes (router -> prefill worker -> decode worker) with
+the request."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, OpenAI's
+REPETITION_RANGE = (0.0, 2.0)  # repetition_penalty in (0, 2]; 1 = off
+BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, OpenAI's
 
 
 @dataclass(frozen=True)
@@ -16,6 +25,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+    # Penalties (see workers/logits_processors.py for the exact formulas): presence and
+    # frequency count the *output* tokens so far (the prefill worker's first token
+    # included); repetition_penalty looks at prompt and output tokens, as transformers'.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (token id, bias) added to the logit
+    # Structured output: the JSON schema (JSON text) every completion must follow;
+    # '{"type": "object"}' for any JSON object. None: free text.
+    json_schema: str | None = None
+    # Logprobs of the prompt's own tokens (echo): None: none; k >= 0: each prompt
+    # token's logprob and the top k at its position (the first token has none).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -28,10 +50,31 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
+        lo, hi = REPETITION_RANGE
+        if not lo < self.repetition_penalty <= hi:
+            raise ValueError(f"repetition_penalty must be in ({lo}, {hi}], got {self.repetition_penalty}")
+        bias = tuple((int(t), float(b)) for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias))
+        lo, hi = BIAS_RANGE
+        for t, b in bias:
+            if t < 0 or not lo <= b <= hi:
+                raise ValueError(f"logit_bias entries must be token id >= 0 -> bias in [{lo}, {hi}], got {t}: {b}")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.json_schema is not None and not isinstance(json.loads(self.json_schema), dict):
+            raise ValueError("json_schema must be the JSON text of an object")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -37,7 +37,7 @@ def server():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 600  # a busy 2-core CI host can take minutes to start Ray, Serve and two workers
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"kvrelay serve exited early:\n{proc.stdout.read()[-4000:]}")
@@ -188,11 +188,25 @@ BAD = [
     ("tools unsupported", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                    "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400, None),
     ("unknown route", "/v1/embeddings", {"model": MODEL, "input": "hi"}, None, 404, None),
+    ("presence_penalty out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, None, 400, None),
+    ("frequency_penalty out of range", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                                "frequency_penalty": -3}, None, 400, None),
+    ("repetition_penalty zero", "/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, None, 400, None),
+    ("logit_bias value out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 150}}, None, 400, None),
+    ("logit_bias token outside vocabulary", "/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"999999": 5}}, None, 400, None),
+    ("schema that does not compile", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, None, 400, None),
+    ("schema with a broken pattern", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[a-"}}}}, None, 400, None),
+    ("response_format type unknown", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                              "response_format": {"type": "grammar"}}, None, 400, None),
+    ("batched prompt with an empty one", "/v1/completions", {"model": MODEL, "prompt": ["hi", ""]}, None, 400, None),
+    ("suffix unsupported", "/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "end"}, None, 400, None),
 ]
 
 
 def test_bad_input_matrix_then_still_serving(server, client):
-    assert len(BAD) >= 15
+    assert len(BAD) >= 30
     for name, path, body, raw, status, code in BAD:
         r = _post(server, path, body, raw=raw)
         assert r.status_code == status, (name, r.status_code, r.text)
@@ -204,6 +218,12 @@ def test_bad_input_matrix_then_still_serving(server, client):
     # the context error names both numbers
     r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5000})
     assert "2048" in r.json()["error"]["message"] and "5000" in r.json()["error"]["message"]
+    # the new fields' errors name the field
+    for body, param in (({"model": MODEL, "prompt": "hi", "logit_bias": {"999999": 5}}, "logit_bias"),
+                        ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+                            "name": "x", "schema": {"type": "bogus"}}}}, "response_format"),
+                        ({"model": MODEL, "prompt": "hi", "presence_penalty": 9}, "presence_penalty")):
+        assert _post(server, "/v1/completions", body).json()["error"]["param"] == param, body
     # authentication
     for key in (None, "sk-wrong"):
         r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=key)

@@ -40,3 +40,18 @@ def test_remove_drops_only_that_prompt_and_twice_is_harmless():
     pending.remove(b)
     assert pending.match(blocks(prompt)) == {}
     assert len(pending) == 0
+
+
+def test_prompts_shorter_than_a_block_on_one_worker_remove_in_any_order():
+    """Two short prompts (no full block, no hashes) in flight on one worker, as in a
+    batched /v1/completions request: removing both never fails."""
+    from router.pending_prefixes import PendingPrefixes
+
+    p = PendingPrefixes()
+    a = p.add("prefill-0", [])
+    b = p.add("prefill-0", [])
+    c = p.add("prefill-0", [11, 12])
+    p.remove(c)
+    p.remove(a)
+    p.remove(b)
+    assert len(p) == 0 and p.match([11]) == {}

@@ -53,13 +53,14 @@ def api_error(cls, body) -> APIError:
 
 def test_completion_defaults():
     r = completion()
-    assert (r.prompt, r.max_tokens, r.temperature, r.top_p, r.top_k, r.n) == ("hello", 16, 1.0, 1.0, 0, 1)
+    assert (r.prompt, r.max_tokens, r.temperature, r.top_p, r.top_k, r.n) == (["hello"], 16, 1.0, 1.0, 0, 1)
     assert (r.stream, r.include_usage, r.stop_strings, r.logprobs, r.seed) == (False, False, [], None, None)
 
 
 @pytest.mark.parametrize(
     "prompt, expected",
-    [("hi", "hi"), ([1, 2, 3], [1, 2, 3]), (["hi"], "hi"), ([[4, 5]], [4, 5])],
+    [("hi", ["hi"]), ([1, 2, 3], [[1, 2, 3]]), (["hi"], ["hi"]), ([[4, 5]], [[4, 5]]),
+     (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]]), (["a", [7]], ["a", [7]])],
 )
 def test_completion_prompt_forms(prompt, expected):
     assert completion(prompt=prompt).prompt == expected
@@ -156,19 +157,26 @@ INVALID = [
     (C, {"model": "m", "prompt": ""}, "prompt", "invalid_value", "must not be empty"),
     (C, {"model": "m", "prompt": []}, "prompt", "invalid_value", "must not be empty"),
     (C, {"model": "m", "prompt": [[]]}, "prompt", "invalid_value", "must not be empty"),
-    (C, {"model": "m", "prompt": ["a", "b"]}, "prompt", "unsupported_parameter", "batched prompts"),
+    (C, {"model": "m", "prompt": ["a", ""]}, "prompt", "invalid_value", "prompt[1] must not be empty"),
+    (C, {"model": "m", "prompt": ["a"] * 65}, "prompt", "invalid_value", "at most 64 prompts"),
+    (C, {"model": "m", "prompt": ["a"] * 16, "n": 9}, "n", "invalid_value", "over the limit of 128"),
     (C, {"model": "m", "prompt": [1, True]}, "prompt", "invalid_type", "array of token ids"),
     (C, {"model": "m", "prompt": [3, -1]}, "prompt", "invalid_value", ">= 0"),
     (C, {"model": "m", "prompt": 5}, "prompt", "invalid_type", "must be a string"),
     (C, {"model": "m"}, "prompt", "missing_required_parameter", "Missing required parameter: 'prompt'"),
     (C, {"prompt": "x"}, "model", "missing_required_parameter", "Missing required parameter: 'model'"),
     (C, {"model": 3, "prompt": "x"}, "model", "invalid_type", "expected a string"),
-    (C, {**BASE_C, "echo": True}, "echo", "unsupported_parameter", "not supported"),
     (C, {**BASE_C, "suffix": "end"}, "suffix", "unsupported_parameter", "not supported"),
     (C, {**BASE_C, "best_of": 3}, "best_of", "unsupported_parameter", "not supported"),
-    (C, {**BASE_C, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter", "not supported"),
-    (C, {**BASE_C, "frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter", "not supported"),
-    (C, {**BASE_C, "logit_bias": {"50256": -100}}, "logit_bias", "unsupported_parameter", "not supported"),
+    (C, {**BASE_C, "presence_penalty": 2.5}, "presence_penalty", "invalid_value", "less than or equal to 2"),
+    (C, {**BASE_C, "frequency_penalty": -2.01}, "frequency_penalty", "invalid_value", "greater than or equal to -2"),
+    (C, {**BASE_C, "repetition_penalty": 0}, "repetition_penalty", "invalid_value", "greater than 0"),
+    (C, {**BASE_C, "repetition_penalty": 2.5}, "repetition_penalty", "invalid_value", "less than or equal to 2"),
+    (C, {**BASE_C, "presence_penalty": "1"}, "presence_penalty", "invalid_type", "number"),
+    (C, {**BASE_C, "logit_bias": {"50256": -101}}, "logit_bias", "invalid_value", "outside [-100, 100]"),
+    (C, {**BASE_C, "logit_bias": {"abc": 1}}, "logit_bias", "invalid_value", "token ids"),
+    (C, {**BASE_C, "logit_bias": {"-3": 1}}, "logit_bias", "invalid_value", "negative"),
+    (C, {**BASE_C, "logit_bias": {"3": "1"}}, "logit_bias", "invalid_type", "number"),
     (CH, {"model": "m", "messages": []}, "messages", "invalid_value", "non-empty"),
     (CH, {"model": "m"}, "messages", "missing_required_parameter", "'messages'"),
     (CH, {"model": "m", "messages": "hi"}, "messages", "invalid_type", "expected an array"),
@@ -185,7 +193,9 @@ INVALID = [
     (CH, {**BASE_CH, "logprobs": 1}, "logprobs", "invalid_type", "expected a boolean"),
     (CH, {**BASE_CH, "top_logprobs": 2}, "top_logprobs", "invalid_value", "requires logprobs"),
     (CH, {**BASE_CH, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value", "less than or equal to 20"),
-    (CH, {**BASE_CH, "response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter", "'json_object'"),
+    (CH, {**BASE_CH, "response_format": {"type": "regex"}}, "response_format", "unsupported_parameter", "'regex'"),
+    (CH, {**BASE_CH, "response_format": {"type": "json_schema"}}, "response_format", "invalid_type", "json_schema must be an object"),
+    (CH, {**BASE_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "invalid_type", "schema"),
     (CH, {**BASE_CH, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter", "not supported"),
     (CH, {**BASE_CH, "tool_choice": "auto"}, "tool_choice", "unsupported_parameter", "not supported"),
     (CH, {**BASE_CH, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter", "not supported"),
@@ -387,3 +397,19 @@ def test_internal_error():
     e = errors.internal_error()
     assert (e.status, e.type, e.code) == (500, "server_error", None)
     assert isinstance(e, Exception)
+
+
+def test_new_sampling_fields_reach_the_engine_parameters():
+    import json
+
+    r = completion(prompt=["a", [5, 6]], echo=True, logprobs=2, presence_penalty=0.5, frequency_penalty=-0.25,
+                   repetition_penalty=1.3, logit_bias={"17": 5, "3": -100}, response_format={"type": "json_object"})
+    p = r.to_sampling_params()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.25, 1.3)
+    assert p.logit_bias == ((17, 5.0), (3, -100.0)) and p.prompt_logprobs == 2 and p.logprobs == 2
+    assert json.loads(p.json_schema) == {"type": "object"}
+    assert completion(logprobs=2).to_sampling_params().prompt_logprobs is None  # only with echo
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}})
+    assert json.loads(r.to_sampling_params(default_max_tokens=8).json_schema) == schema
+    assert chat(response_format={"type": "text"}).to_sampling_params(default_max_tokens=8).json_schema is None
