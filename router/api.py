@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.cluster import NoWorkerError
+from cluster.json_schema import schema_error
 from cluster.worker_handle import WorkerDiedError
 from router import errors
 from router.protocol import (
@@ -35,7 +36,6 @@ from router.protocol import (
 from router.metrics import status_of_http
 from router.service import ChoiceEvent, RequestResult, RouterService
 from workers.engine import CapacityError
-from workers.grammar import schema_error
 from workers.request import TokenLogprobs
 
 log = logging.getLogger(__name__)
