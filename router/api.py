@@ -21,8 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.admission import AdmissionRejected
 from cluster.cluster import NoWorkerError
-from cluster.worker_handle import WorkerDiedError
+from cluster.worker_api import CapacityError, WorkerDiedError
 from router import errors
 from router.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
@@ -31,7 +32,6 @@ from router.protocol import (
 )
 from router.metrics import status_of_http
 from router.service import ChoiceEvent, RequestResult, RouterService
-from workers.engine import CapacityError
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="kvrelay", version="0.1.0")
@@ -89,6 +89,10 @@ async def _request_id_auth_and_count(request: Request, call_next):
             if counted:
                 service.metrics.requests.labels("unauthorized").inc()
             return _error(errors.invalid_api_key(given), request_id)
+    limited = _limits(service, request) if counted else None
+    if limited is not None:
+        service.metrics.requests.labels(status_of_http(limited.status)).inc()
+        return _error(limited, request_id)
     try:
         response = await call_next(request)
     except BaseException:
@@ -102,6 +106,22 @@ async def _request_id_auth_and_count(request: Request, call_next):
             status = "ok" if response.status_code < 400 else status_of_http(response.status_code)
         service.metrics.requests.labels(status).inc()
     return response
+
+
+def _limits(s: RouterService, request: Request) -> errors.APIError | None:
+    """Refusals that need no body parsed: a declared body over ``router.max_body_bytes``
+    (413; an undeclared one is measured when read, see _parse)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > s.config.router.max_body_bytes:
+        return errors.payload_too_large(int(declared), s.config.router.max_body_bytes)
+    return None
+
+
+def _api_key_of(request: Request) -> str:
+    """The key a request is counted under for ``router.max_inflight_per_key`` (requests
+    without one share the anonymous key "")."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
 
 
 @app.exception_handler(errors.APIError)
@@ -165,8 +185,12 @@ async def models(request: Request) -> JSONResponse:
 
 
 async def _parse(request: Request, cls):
+    raw = await request.body()
+    limit = _service(request).config.router.max_body_bytes
+    if len(raw) > limit:
+        raise errors.payload_too_large(len(raw), limit)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise errors.invalid_json(str(e)) from None
     if not isinstance(body, dict):
@@ -177,13 +201,21 @@ async def _parse(request: Request, cls):
         raise errors.from_validation_error(e) from None
 
 
-def _admit(s: RouterService, model: str) -> None:
+def _admit(s: RouterService, request: Request, model: str, n: int) -> None:
+    cfg = s.config.router
     if model != s.model_id:
         raise errors.model_not_found(model)
+    if n > cfg.max_n:
+        raise errors.invalid_request(f"n must be at most {cfg.max_n} on this server, got {n}", "n", "invalid_value")
     if not s.ready:
         raise errors.overloaded(5, "the cluster is starting; try again shortly")
-    if s.inflight >= s.config.router.max_inflight:
+    if s.inflight >= cfg.max_inflight:
         raise errors.rate_limited(1, f"too many requests in flight ({s.inflight}); try again shortly")
+    key = _api_key_of(request)
+    if cfg.max_inflight_per_key is not None and s.inflight_by_key.get(key, 0) >= cfg.max_inflight_per_key:
+        raise errors.rate_limited(1, f"too many requests in flight for this API key ({cfg.max_inflight_per_key}); "
+                                     "try again shortly")
+    request.state.api_key = key
 
 
 def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, chat: bool) -> None:
@@ -198,7 +230,7 @@ def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, c
 async def completions(request: Request):
     s = _service(request)
     req: CompletionRequest = await _parse(request, CompletionRequest)
-    _admit(s, req.model)
+    _admit(s, request, req.model, req.n)
     prompt = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt, add_special_tokens=True)
     _check_prompt(s, prompt, req.max_tokens, chat=False)
     params = [req.to_sampling_params(choice_index=i) for i in range(req.n)]
@@ -209,7 +241,7 @@ async def completions(request: Request):
 async def chat_completions(request: Request):
     s = _service(request)
     req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-    _admit(s, req.model)
+    _admit(s, request, req.model, req.n)
     prompt = s.tokenizer.apply_chat_template(req.template_messages())
     _check_prompt(s, prompt, req.requested_max_tokens, chat=True)
     room = s.max_model_len - len(prompt)
@@ -240,10 +272,11 @@ async def _respond(s: RouterService, request: Request, req, prompt: list[int], p
         raise errors.invalid_request(str(e), "kv_compression") from None
     result = RequestResult(prompt_tokens=len(prompt), arrival=getattr(request.state, "arrival", time.monotonic()))
     stream = s.run(prompt, params, req.stop_strings, result, compression=req.kv_compression)
-    s.inflight += 1
+    key = getattr(request.state, "api_key", "")
+    s.enter(key)
     if req.stream:
         request.state.streaming = True
-        return StreamingResponse(_sse(s, req, stream, result, chat), media_type="text/event-stream")
+        return StreamingResponse(_sse(s, req, stream, result, chat, key), media_type="text/event-stream")
     try:
         texts: dict[int, list[str]] = {i: [] for i in range(len(params))}
         reasons: dict[int, str | None] = {}
@@ -257,7 +290,7 @@ async def _respond(s: RouterService, request: Request, req, prompt: list[int], p
         request.state.status = _status(e)
         raise _as_api_error(e) from None
     finally:
-        s.inflight -= 1
+        s.leave(key)
     usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
     if chat:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), finish_reason=reasons.get(i),
@@ -277,7 +310,7 @@ def _status(e: BaseException) -> str:
     """The ``status`` label of a request that failed while it ran."""
     if isinstance(e, errors.APIError):
         return status_of_http(e.status)
-    if isinstance(e, (NoWorkerError, CapacityError)):
+    if isinstance(e, (NoWorkerError, CapacityError, AdmissionRejected)):
         return "unavailable"
     if isinstance(e, WorkerDiedError):
         return "worker_died"
@@ -293,6 +326,8 @@ def _status(e: BaseException) -> str:
 def _as_api_error(e: BaseException) -> BaseException:
     if isinstance(e, errors.APIError):
         return e
+    if isinstance(e, AdmissionRejected):
+        return errors.overloaded(e.retry_after_s, str(e))
     if isinstance(e, (NoWorkerError, CapacityError)):
         return errors.overloaded(2, str(e))
     if isinstance(e, ValueError):
@@ -305,7 +340,7 @@ def _as_api_error(e: BaseException) -> BaseException:
     return e  # cancellation: let it propagate
 
 
-async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result: RequestResult, chat: bool):
+async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result: RequestResult, chat: bool, key: str):
     rid = chat_completion_id() if chat else completion_id()
     created = now()
     usage_kw: dict[str, Any] = {"usage": None} if req.include_usage else {}
@@ -341,7 +376,7 @@ async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], result
         else:
             raise
     finally:
-        s.inflight -= 1
+        s.leave(key)
         s.metrics.requests.labels(status).inc()
 
 
