@@ -198,10 +198,12 @@ class KVRelayCluster:
                 return
             except (WorkerDiedError, TimeoutError) as e:
                 failed = d_name or _worker_of(e, self.decode)
-                if isinstance(e, WorkerDiedError) and failed is not None:
+                if failed is not None and isinstance(e, WorkerDiedError):
+                    # Down until its pool's probe sees it back (Ray restarts it): then it
+                    # is as good a target as any, so it is not excluded for good.
                     self.decode.mark_down_named(failed)
-                if failed is not None:
-                    exclude.add(failed)
+                elif failed is not None:
+                    exclude.add(failed)  # alive but late: not again for this request
                 step = next_step(e, len(sent), attempt, self.config.admission.max_attempts)
                 if step is Step.FAIL:
                     raise
@@ -341,7 +343,7 @@ class KVRelayCluster:
 def _worker_of(e: BaseException, pool: WorkerPool) -> str | None:
     """The decode worker a handle error names (``"decode-1 died during reserve"``)."""
     text = str(e)
-    return next((w.handle.name for w in pool.workers if text.startswith(w.handle.name + " ")), None)
+    return next((w.handle.name for w in pool.workers if text.startswith((w.handle.name + " ", w.handle.name + "."))), None)
 
 
 __all__ = ["KVRelayCluster", "NoWorkerError", "CapacityError", "LayoutMismatchError", "AdmissionRejected", "Placer"]

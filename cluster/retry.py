@@ -15,7 +15,8 @@ This is the only place that decides; ``KVRelayCluster.generate`` carries it out.
 | ValueError, LayoutMismatchError     | anywhere               | any                   | fail (400 / 500): retrying cannot help                              |
 
 A dead worker is marked down at once (its pool's probe brings it back after Ray
-restarts it); a worker that timed out is excluded from this request's later attempts.
+restarts it, and then it may take the retry: with one decode worker, the request waits
+for its restart); a worker that timed out is excluded from this request's later attempts.
 Placement on every attempt goes through the same chooser (the router's policy)."""
 
 from __future__ import annotations
