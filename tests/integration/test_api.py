@@ -3,6 +3,7 @@ SmolLM2), driven by the official `openai` client and raw HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from workers.sampling_params import SamplingParams
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 KEY = "sk-test-kvrelay-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
+PER_KEY = 3  # router.max_inflight_per_key of the server below
 
 
 def _free_port() -> int:
@@ -33,7 +35,10 @@ def server():
     env = {**os.environ, "KVRELAY_API_KEY": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--api-key", KEY,
-         "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048"],
+         "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048",
+         # the API's limits (tested in test_request_limits)
+         "--set", f"router.max_inflight_per_key={PER_KEY}", "--set", "router.max_body_bytes=262144",
+         "--set", "router.max_n=4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -208,6 +213,31 @@ def test_bad_input_matrix_then_still_serving(server, client):
     # and a normal request still works
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=5, temperature=0)
     assert r.choices[0].message.content
+
+
+def test_request_limits(server, client):
+    """Body size (413), n (400), requests in flight per API key (429 + Retry-After),
+    each in OpenAI's envelope; the server serves normally right after."""
+    big = _post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 60_000, "max_tokens": 1})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 5, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 4" in r.json()["error"]["message"]
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Count slowly to a thousand:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(httpx.Client(timeout=60))
+        for _ in range(PER_KEY):  # PER_KEY streams of this key, admitted and running
+            r = stack.enter_context(http.stream("POST", f"{server}/v1/completions", json=body, headers=headers))
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: {"))
+        over = _post(server, "/v1/completions", {"model": MODEL, "prompt": "one more", "max_tokens": 1})
+    assert over.status_code == 429 and over.headers.get("retry-after") == "1", over.text
+    assert over.json()["error"]["code"] == "rate_limit_exceeded" and "API key" in over.json()["error"]["message"]
+    deadline = time.monotonic() + 30  # the closed streams leave the router's count
+    while (r := _post(server, "/v1/completions", {"model": MODEL, "prompt": "and now?", "max_tokens": 2})).status_code == 429:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
 def test_client_disconnect_frees_blocks_on_both_workers(server):
