@@ -226,7 +226,32 @@ def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, c
         raise errors.context_length_exceeded(s.max_model_len, len(prompt), max_tokens, chat=chat)
 
 
-@app.post("/v1/completions")
+def _body(cls) -> dict:
+    """``openapi_extra`` of an endpoint that parses its own body (to answer in OpenAI's
+    error envelope): the body's schema, so the served OpenAPI document says what the
+    endpoint accepts."""
+    ref = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for cls in (CompletionRequest, ChatCompletionRequest):
+            js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[cls.__name__] = js
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+@app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
 async def completions(request: Request):
     s = _service(request)
     req: CompletionRequest = await _parse(request, CompletionRequest)
@@ -237,7 +262,7 @@ async def completions(request: Request):
     return await _respond(s, request, req, prompt, params, chat=False)
 
 
-@app.post("/v1/chat/completions")
+@app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     s = _service(request)
     req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)

@@ -312,3 +312,44 @@ def test_kv_compression_field_on_both_endpoints(server, client, tokenizer):
     sent = [line for line in scraped.splitlines()
             if line.startswith("kvrelay_kv_transfer_bytes_total") and 'preset="balanced"' in line and 'role="prefill"' in line]
     assert sent and float(sent[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_fuzz_completions_and_chat_against_the_served_schema(server):
+    """schemathesis (property-based, from the served OpenAPI document) on both
+    endpoints, 150 examples each: never a 5xx, every error in OpenAI's envelope, and
+    the server healthy afterwards. Half the examples name the served model (with few
+    tokens to generate), so the fuzz reaches the workers, not only validation."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    headers = {"authorization": f"Bearer {KEY}"}
+    failures: list[str] = []
+    seen: dict[int, int] = {}
+
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        @given(case=schema[path]["POST"].as_strategy())
+        @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        def run(case):
+            body = case.body
+            if isinstance(body, dict) and len(repr(body)) % 2 == 0:
+                body["model"] = MODEL
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+                        body[key] = max(min(body[key], 4), -1)
+            response = case.call(base_url=server, headers=headers, timeout=120)
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            if response.status_code >= 500:
+                failures.append(f"{path} {response.status_code}: {response.text[:300]} for {body!r}"[:600])
+            elif response.status_code >= 400:
+                err = response.json().get("error")
+                if not (isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err)):
+                    failures.append(f"{path} {response.status_code} not in OpenAI's envelope: {response.text[:300]}")
+
+        run()
+    assert not failures, "\n".join(failures[:10])
+    assert sum(seen.values()) >= 300 and any(200 <= code < 300 for code in seen), seen
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "Still alive?", "max_tokens": 2})
+    assert r.status_code == 200
