@@ -97,7 +97,7 @@ def test_back_pressure_queues_instead_of_503_and_drains(router, tokenizer):
 def test_full_queue_answers_at_once_and_says_so(router, tokenizer):
     s = router.service
     q = s.cluster.admission
-    hold = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    hold = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)  # prompt + 200 fits the pool
     prompts = [tokenizer.encode(f"Holder {i}.\n" + long_text(LONG_PROMPT_CHARS)) for i in range(3)]
     started = [0, 0]
 
