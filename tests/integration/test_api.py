@@ -224,12 +224,16 @@ def test_request_limits(server, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 4" in r.json()["error"]["message"]
     headers = {"authorization": f"Bearer {KEY}"}
     body = {"model": MODEL, "prompt": "Count slowly to a thousand:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    open_streams = []  # kept referenced: a line iterator that is collected closes its connection
     with contextlib.ExitStack() as stack:
         http = stack.enter_context(httpx.Client(timeout=60))
         for _ in range(PER_KEY):  # PER_KEY streams of this key, admitted and running
             r = stack.enter_context(http.stream("POST", f"{server}/v1/completions", json=body, headers=headers))
             assert r.status_code == 200
-            next(line for line in r.iter_lines() if line.startswith("data: {"))
+            lines = r.iter_lines()
+            open_streams.append(lines)
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert '"error"' not in first, first
         over = _post(server, "/v1/completions", {"model": MODEL, "prompt": "one more", "max_tokens": 1})
     assert over.status_code == 429 and over.headers.get("retry-after") == "1", over.text
     assert over.json()["error"]["code"] == "rate_limit_exceeded" and "API key" in over.json()["error"]["message"]
