@@ -122,11 +122,16 @@ class KVRelayCluster:
         return p, d
 
     def _place(self, prompt: list[int], exclude: set[str], first: tuple[str | None, str] | None,
-               placer: Placer | None) -> tuple[WorkerState | None, WorkerState]:
-        """Healthy workers for one attempt, avoiding ``exclude``: the router's first
-        decision while its workers are up and allowed, else the placer (the router's
-        policy), else the default chooser. Raises NoWorkerError."""
-        decode = [w for w in self.decode.healthy() if w.handle.name not in exclude]
+               placer: Placer | None, avoid: set[str] = frozenset()) -> tuple[WorkerState | None, WorkerState]:
+        """Healthy workers for one attempt, never one of ``exclude`` (no room now) and
+        not one of ``avoid`` (late before) unless nothing else is left: the router's
+        first decision while its workers are up and allowed, else the placer (the
+        router's policy), else the default chooser. Raises NoWorkerError."""
+        healthy = [w for w in self.decode.healthy() if w.handle.name not in exclude]
+        if not [w for w in healthy if w.handle.name not in avoid]:
+            avoid = frozenset()  # a worker that was late beats no worker
+        exclude = set(exclude) | set(avoid)
+        decode = [w for w in healthy if w.handle.name not in exclude]
         if not decode:
             raise NoWorkerError(f"no healthy {self.decode.role} worker" + (f" besides {sorted(exclude)}" if exclude else ""))
         prefill = [] if self.prefill is None else self.prefill.healthy()
@@ -203,7 +208,7 @@ class KVRelayCluster:
                     # is as good a target as any, so it is not excluded for good.
                     self.decode.mark_down_named(failed)
                 elif failed is not None:
-                    exclude.add(failed)  # alive but late: not again for this request
+                    exclude.add(failed)  # alive but late: elsewhere if any other worker is up
                 step = next_step(e, len(sent), attempt, self.config.admission.max_attempts)
                 if step is Step.FAIL:
                     raise
@@ -222,7 +227,7 @@ class KVRelayCluster:
         if self.prefill is None:
             async def colocated():
                 try:
-                    return self._place(prompt, exclude, first, placer)
+                    return self._place(prompt, set(), first, placer, avoid=exclude)
                 except NoWorkerError as e:
                     if retry:  # an in-flight request waits for a worker to come back
                         raise CapacityError(str(e)) from None
@@ -236,7 +241,7 @@ class KVRelayCluster:
             full: set[str] = set()  # decode workers that said CapacityError just now
             while True:
                 try:
-                    p, d = self._place(prompt, exclude | full, None if full else first, placer)
+                    p, d = self._place(prompt, full, None if full else first, placer, avoid=exclude)
                 except NoWorkerError as e:
                     if full or retry:
                         raise CapacityError(str(e)) from None

@@ -16,7 +16,8 @@ This is the only place that decides; ``KVRelayCluster.generate`` carries it out.
 
 A dead worker is marked down at once (its pool's probe brings it back after Ray
 restarts it, and then it may take the retry: with one decode worker, the request waits
-for its restart); a worker that timed out is excluded from this request's later attempts.
+for its restart); a worker that timed out is avoided by this request's later attempts
+while another is up.
 Placement on every attempt goes through the same chooser (the router's policy)."""
 
 from __future__ import annotations
