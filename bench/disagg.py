@@ -63,6 +63,7 @@ import sys
 import time
 from pathlib import Path
 from bench.report import machine_info, percentile, pyplot, reading_section, wait_quiet
+from cluster.worker_api import WorkerAPI
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -193,7 +194,7 @@ async def timed_request(cluster, prompt: list[int], params, rid: str, sink: list
     return {"t0": t0, "times": times}
 
 
-async def worker_call(pool, index: int, method: str, *args):
+async def worker_call(pool, index: int, method, *args):
     return await pool.workers[index].handle.call(method, *args, timeout_s=60)
 
 
@@ -215,8 +216,8 @@ async def measure_ttft_one(cluster, mode: str, size: int, rep: int, prompt: list
         "tpot_s": (r["times"][-1] - r["times"][1]) / max(1, len(r["times"]) - 2),
     }
     if cluster.prefill is not None:
-        p = await worker_call(cluster.prefill, 0, "prefill_log", rid)
-        arrived = await worker_call(cluster.decode, 0, "transfer_log", rid)
+        p = await worker_call(cluster.prefill, 0, WorkerAPI.prefill_log, rid)
+        arrived = await worker_call(cluster.decode, 0, WorkerAPI.transfer_log, rid)
         last = max(p.layer_computed_at)
         rec.update(
             bytes_sent=p.bytes_sent, full_bytes=p.full_bytes, prefill_worker_s=p.prefill_seconds,
@@ -350,7 +351,7 @@ async def wait_idle(cluster, timeout_s: float = 60.0) -> None:
         busy = 0
         for pool in cluster.pools:
             for w in pool.workers:
-                h = await w.handle.call("health", timeout_s=60)
+                h = await w.handle.call(WorkerAPI.health, timeout_s=60)
                 busy += h.running + h.waiting
         if not busy:
             return

@@ -1,21 +1,20 @@
 """The serving cluster: a prefill pool and a decode pool (or one colocated pool), and
 the handoff that carries one request across them.
 
-    reserve on D ──► prefill on P (pages stream P→D layer by layer) ──► first token
-        ──► decode on D (streams the rest)
+    admit (reserve on D, or wait in D's pool queue) ──► prefill on P (pages stream
+        P→D layer by layer) ──► first token ──► decode on D (streams the rest)
 
-Failure semantics, each with a deadline:
-- the transfer fails or times out: D recomputes the prompt itself (counted there);
-- P dies or times out: D recomputes (P's pool restarts it);
-- D dies before any token reached the caller: the request is retried on another D;
-  after that, the caller gets WorkerDiedError.
-Placement here is deliberately simple (round-robin prefill, least-loaded decode); the
-router's KV-aware policy plugs in through ``choose``.
+What happens on each failure is ``cluster/retry.py``'s table (retry elsewhere before
+the first token, migrate after it, recompute on D when the prefill or the transfer
+fails); waiting for KV is ``cluster/admission.py``. Placement, first attempt and every
+retry, is one chooser: the router's policy when the router passes its ``placer``,
+else a least-loaded default for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -23,13 +22,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from cluster.admission import AdmissionQueue, AdmissionRejected
 from cluster.config import ClusterConfig
 from cluster.kv_layout import LayoutMismatchError
 from cluster.pool import Resources, WorkerPool, WorkerState
-from cluster.worker_handle import WorkerDiedError
-from workers.engine import CapacityError, RequestOutput
-from workers.sampling_params import SamplingParams
-from workers.worker import WorkerSpec
+from cluster.retry import Step, next_step
+from cluster.worker_api import (
+    CapacityError, RequestOutput, SamplingParams, TransferDescriptor, WorkerAPI, WorkerDiedError, WorkerSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,15 @@ class NoWorkerError(RuntimeError):
 class ClusterCounters:
     requests: int = 0
     prefill_failures: int = 0  # prefill worker died or timed out: decode recomputed
-    decode_retries: int = 0  # decode worker died before the first token: retried elsewhere
+    decode_retries: int = 0  # a decode worker failed before the first token: retried elsewhere
+    migrations: int = 0  # a decode worker failed after tokens were sent: continued elsewhere
     shadow_samples: int = 0  # lossy handoffs also decoded on full KV (shadow sampling)
 
 
 Chooser = Callable[[list[WorkerState], list[WorkerState], list[int]], tuple[WorkerState | None, WorkerState]]
+# The router's placement for one request: (prompt, workers to avoid) -> (prefill name or
+# None, decode name); raises when no allowed worker is left.
+Placer = Callable[[list[int], frozenset[str]], tuple[str | None, str]]
 
 
 class KVRelayCluster:
@@ -86,6 +90,16 @@ class KVRelayCluster:
         else:
             self.prefill = WorkerPool("prefill", specs("prefill", pools.prefill_workers), res(pools.prefill_resources), use_ray)
             self.decode = WorkerPool("decode", specs("decode", pools.decode_workers), res(pools.decode_resources), use_ray)
+        # Requests waiting for KV on the decode (or colocated) pool; the router observes
+        # every wait through on_admission_wait (pool, seconds).
+        adm = config.admission
+        self.on_admission_wait: Callable[[str, float], None] | None = None
+        self.admission = AdmissionQueue(self.decode.role, adm.max_queued, adm.queue_timeout_s, adm.retry_after_s,
+                                        on_wait=self._observe_wait)
+
+    def _observe_wait(self, pool: str, seconds: float) -> None:
+        if self.on_admission_wait is not None:
+            self.on_admission_wait(pool, seconds)
 
     @property
     def pools(self) -> list[WorkerPool]:
@@ -107,21 +121,38 @@ class KVRelayCluster:
         d = min(decode, key=lambda w: (w.health.running + w.health.waiting if w.health else 0, -(w.health.free_blocks if w.health else 0)))
         return p, d
 
-    def _place(
-        self, prompt: list[int], exclude: set[str], prefer: tuple[str | None, str] | None = None
-    ) -> tuple[WorkerState | None, WorkerState]:
-        decode = [w for w in self.decode.healthy() if w.handle.name not in exclude]
+    def _place(self, prompt: list[int], exclude: set[str], first: tuple[str | None, str] | None,
+               placer: Placer | None, avoid: set[str] = frozenset()) -> tuple[WorkerState | None, WorkerState]:
+        """Healthy workers for one attempt, never one of ``exclude`` (no room now) and
+        not one of ``avoid`` (late before) unless nothing else is left: the router's
+        first decision while its workers are up and allowed, else the placer (the
+        router's policy), else the default chooser. Raises NoWorkerError."""
+        healthy = [w for w in self.decode.healthy() if w.handle.name not in exclude]
+        if not [w for w in healthy if w.handle.name not in avoid]:
+            avoid = frozenset()  # a worker that was late beats no worker
+        exclude = set(exclude) | set(avoid)
+        decode = [w for w in healthy if w.handle.name not in exclude]
         if not decode:
-            raise NoWorkerError(f"no healthy {self.decode.role} worker")
+            raise NoWorkerError(f"no healthy {self.decode.role} worker" + (f" besides {sorted(exclude)}" if exclude else ""))
         prefill = [] if self.prefill is None else self.prefill.healthy()
         if self.prefill is not None and not prefill:
             raise NoWorkerError("no healthy prefill worker")
-        if prefer is not None:  # the router's decision, if those workers are still up
-            p = next((w for w in prefill if w.handle.name == prefer[0]), None)
-            d = next((w for w in decode if w.handle.name == prefer[1]), None)
+        by_name = {w.handle.name: w for w in prefill + decode}
+        if first is not None and first[1] in by_name and (self.prefill is None or first[0] in by_name):
+            return (by_name[first[0]] if first[0] else None), by_name[first[1]]
+        if placer is not None:
+            try:
+                p_name, d_name = placer(prompt, frozenset(exclude) | self._down())
+            except Exception as e:  # the policy found no allowed worker
+                raise NoWorkerError(str(e)) from None
+            d = by_name.get(d_name)
+            p = by_name.get(p_name) if p_name else None
             if d is not None and (p is not None or self.prefill is None):
                 return p, d
         return self._choose(prefill, decode, prompt)
+
+    def _down(self) -> frozenset[str]:
+        return frozenset(w.handle.name for pool in self.pools for w in pool.workers if not w.up)
 
     def worker_states(self) -> dict[str, list[WorkerState]]:
         """Every worker of every pool, by pool role (what placement looks at)."""
@@ -136,63 +167,112 @@ class KVRelayCluster:
         request_id: str | None = None,
         placement: tuple[str | None, str] | None = None,
         compression: str | None = None,
+        placer: Placer | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; tokens are never repeated across retries.
-        ``placement`` (prefill name or None, decode name) is the router's choice; it is
-        used while those workers are up, and a retry falls back to the default policy.
+        """Stream a request's outputs: every token exactly once, in order, across
+        retries and migrations (``cluster/retry.py``). ``placement`` (prefill name or
+        None, decode name) is the router's first choice; ``placer`` places every later
+        attempt (the router's policy; default: the cluster's chooser).
         ``compression`` names a preset for this request's KV payload (None: the
         deployment's ``transfer.compression``); an unknown name raises ValueError."""
         self.config.transfer.compression.resolve(compression)  # ValueError before any work
         rid = request_id or f"req-{uuid.uuid4().hex}"
         self.counters.requests += 1
-        emitted = 0
-        tried: set[str] = set()
-        timeouts = 0
-        while True:
-            p, d = self._place(prompt, tried, None if tried else placement)
+        sent: list[int] = []  # token ids the caller has
+        rng_state: bytes | None = None  # the sampling RNG after the last token sent
+        cached_tokens: int | None = None
+        exclude: set[str] = set()
+        for attempt in itertools.count(1):
+            # Migration: the tokens sent so far become part of the prompt.
+            a_prompt = prompt + sent
+            a_params = params if not sent else dataclasses.replace(
+                params, max_tokens=params.max_tokens - len(sent), min_tokens=max(0, params.min_tokens - len(sent)))
+            a_rid = rid if attempt == 1 else f"{rid}~{attempt}"
+            d_name = None
             try:
-                async for out in self._attempt(rid, prompt, params, p, d, compression):
-                    fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
-                    emitted = max(emitted, out.num_output_tokens)
-                    yield RequestOutput(out.request_id, fresh, out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
-                                        out.finished, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens,
-                                        out.prompt_logprobs)
+                p, d, desc = await self._admit(a_rid, a_prompt, a_params, compression, exclude,
+                                               placement if attempt == 1 else None, placer, retry=attempt > 1)
+                d_name = d.handle.name
+                async for out in self._run(a_rid, a_prompt, a_params, p, d, desc, compression, rng_state):
+                    sent += out.new_token_ids
+                    rng_state = out.rng_state if out.rng_state is not None else rng_state
+                    if cached_tokens is None:
+                        cached_tokens = out.num_cached_tokens
+                    yield dataclasses.replace(out, request_id=rid, num_prompt_tokens=len(prompt),
+                                              num_cached_tokens=cached_tokens, num_output_tokens=len(sent))
                 return
-            except TimeoutError as e:
-                # A worker that did not answer in time, before anything reached the
-                # caller: try once more (the abort in _attempt freed its reservation).
-                timeouts += 1
-                if emitted > 0 or timeouts > 1:
+            except (WorkerDiedError, TimeoutError) as e:
+                failed = d_name or _worker_of(e, self.decode)
+                if failed is not None and isinstance(e, WorkerDiedError):
+                    # Down until its pool's probe sees it back (Ray restarts it): then it
+                    # is as good a target as any, so it is not excluded for good.
+                    self.decode.mark_down_named(failed)
+                elif failed is not None:
+                    exclude.add(failed)  # alive but late: elsewhere if any other worker is up
+                step = next_step(e, len(sent), attempt, self.config.admission.max_attempts)
+                if step is Step.FAIL:
                     raise
-                log.warning("%s: %s; retrying once", rid, e)
-            except CapacityError:
-                # this decode worker's KV pool is full right now: try another, else give up
-                tried.add(d.handle.name)
-                if not [w for w in self.decode.healthy() if w.handle.name not in tried]:
-                    raise
-            except WorkerDiedError as e:
-                self.decode.mark_down(d.handle)
-                tried.add(d.handle.name)
-                if emitted > 0 or not [w for w in self.decode.healthy() if w.handle.name not in tried]:
-                    raise
-                self.counters.decode_retries += 1
-                log.warning("%s: %s; retrying on another decode worker", rid, e)
+                if step is Step.MIGRATE:
+                    self.counters.migrations += 1
+                else:
+                    self.counters.decode_retries += 1
+                log.warning("%s: %s after %d tokens; %s on another worker", rid, e, len(sent), step.value)
 
-    async def _attempt(
+    async def _admit(
+        self, rid: str, prompt: list[int], params: SamplingParams, compression: str | None, exclude: set[str],
+        first: tuple[str | None, str] | None, placer: Placer | None, retry: bool,
+    ) -> tuple[WorkerState | None, WorkerState, TransferDescriptor | None]:
+        """Place and reserve on a decode worker, waiting in its pool's queue while none
+        has room. Colocated: place only (the worker's own scheduler queues)."""
+        if self.prefill is None:
+            async def colocated():
+                try:
+                    return self._place(prompt, set(), first, placer, avoid=exclude)
+                except NoWorkerError as e:
+                    if retry:  # an in-flight request waits for a worker to come back
+                        raise CapacityError(str(e)) from None
+                    raise
+            p, d = await self.admission.admit(colocated, retry=retry)
+            return None, d, None
+
+        dl = self.config.deadlines
+
+        async def attempt():
+            full: set[str] = set()  # decode workers that said CapacityError just now
+            while True:
+                try:
+                    p, d = self._place(prompt, full, None if full else first, placer, avoid=exclude)
+                except NoWorkerError as e:
+                    if full or retry:
+                        raise CapacityError(str(e)) from None
+                    raise
+                try:
+                    desc = await d.handle.call(WorkerAPI.reserve, rid, prompt, params, p.layout, compression,
+                                               timeout_s=dl.reserve_s)
+                    return p, d, desc
+                except CapacityError:
+                    full.add(d.handle.name)
+
+        return await self.admission.admit(attempt, retry=retry)
+
+    async def _run(
         self, rid: str, prompt: list[int], params: SamplingParams, p: WorkerState | None, d: WorkerState,
-        compression: str | None,
+        desc: TransferDescriptor | None, compression: str | None, rng_state: bytes | None,
     ) -> AsyncIterator[RequestOutput]:
         dl = self.config.deadlines
         if p is None:  # colocated
-            async for out in d.handle.stream("generate", rid, prompt, params, compression, item_timeout_s=dl.token_s):
-                yield out
+            try:
+                async for out in d.handle.stream(WorkerAPI.generate, rid, prompt, params, compression, rng_state,
+                                                 item_timeout_s=dl.token_s):
+                    yield out
+            finally:
+                self.admission.wake()
             return
-        desc = await d.handle.call("reserve", rid, prompt, params, p.layout, compression, timeout_s=dl.reserve_s)
         finished = False
         try:
             first = None
             try:
-                first = await p.handle.call("prefill", rid, prompt, params, desc, timeout_s=dl.prefill_s)
+                first = await p.handle.call(WorkerAPI.prefill, rid, prompt, params, desc, rng_state, timeout_s=dl.prefill_s)
             except (WorkerDiedError, TimeoutError) as e:
                 self.counters.prefill_failures += 1
                 self.prefill.mark_down(p.handle)
@@ -201,10 +281,11 @@ class KVRelayCluster:
             if first is not None:
                 shadow = self._maybe_shadow(rid, prompt, params, p, desc.plan, first.first_token)
                 yield RequestOutput(rid, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
-                                    False, None, first.num_prompt_tokens, first.num_cached_tokens, 1, first.prompt_logprobs)
-            args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None)
+                                    False, None, first.num_prompt_tokens, first.num_cached_tokens, 1, first.rng_state,
+                                    first.prompt_logprobs)
+            args = (rid, first.first_token, first.first_logprobs, first.rng_state) if first else (rid, None, None, rng_state)
             seen = [first.first_token] if first is not None else []
-            async for out in d.handle.stream("decode", *args, item_timeout_s=dl.token_s):
+            async for out in d.handle.stream(WorkerAPI.decode, *args, item_timeout_s=dl.token_s):
                 finished = out.finished  # before yielding: the caller may stop at the last one
                 if shadow is not None:
                     seen += out.new_token_ids
@@ -215,6 +296,7 @@ class KVRelayCluster:
         finally:
             if not finished:  # cancelled, failed or abandoned: free the blocks on D
                 await self._abort_quietly(d, rid)
+            self.admission.wake()  # its KV is free: the head of the queue may fit now
 
     # ---- shadow sampling ----------------------------------------------------------------
 
@@ -226,7 +308,7 @@ class KVRelayCluster:
             return None
         k = min(comp.shadow_tokens, params.max_tokens)
         self.counters.shadow_samples += 1
-        call = p.handle.call("shadow_decode", rid, prompt, first_token, k, timeout_s=self.config.deadlines.prefill_s)
+        call = p.handle.call(WorkerAPI.shadow_decode, rid, prompt, first_token, k, timeout_s=self.config.deadlines.prefill_s)
         return asyncio.ensure_future(call), k
 
     async def _score_shadow(self, task: asyncio.Future, seen: list[int], preset: str) -> None:
@@ -247,7 +329,7 @@ class KVRelayCluster:
 
     async def _abort_quietly(self, w: WorkerState, rid: str) -> None:
         try:
-            await w.handle.call("abort", rid, timeout_s=5.0)
+            await w.handle.call(WorkerAPI.abort, rid, timeout_s=5.0)
         except Exception as e:  # the worker may be gone; its restart frees everything anyway
             log.debug("abort %s on %s: %s", rid, w.handle.name, e)
 
@@ -258,10 +340,16 @@ class KVRelayCluster:
         for pool in self.pools:
             for w in pool.workers:
                 try:
-                    out.append(await w.handle.call("stats", timeout_s=5.0))
+                    out.append(await w.handle.call(WorkerAPI.stats, timeout_s=5.0))
                 except Exception as e:  # down workers report as such
                     out.append({"role": pool.role, "index": w.handle.index, "error": str(e)})
         return out
 
 
-__all__ = ["KVRelayCluster", "NoWorkerError", "CapacityError", "LayoutMismatchError"]
+def _worker_of(e: BaseException, pool: WorkerPool) -> str | None:
+    """The decode worker a handle error names (``"decode-1 died during reserve"``)."""
+    text = str(e)
+    return next((w.handle.name for w in pool.workers if text.startswith((w.handle.name + " ", w.handle.name + "."))), None)
+
+
+__all__ = ["KVRelayCluster", "NoWorkerError", "CapacityError", "LayoutMismatchError", "AdmissionRejected", "Placer"]

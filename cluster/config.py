@@ -86,6 +86,18 @@ class MetricsSection(_Strict):
     worker_port: int = Field(0, ge=0, le=65535)
 
 
+class AdmissionSection(_Strict):
+    # A request no decode worker has KV room for waits in its pool's queue (FIFO,
+    # retries and migrations first) instead of failing; 503 + Retry-After only when
+    # the queue is full or the wait passes queue_timeout_s. 0 = no queue.
+    max_queued: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
+    retry_after_s: float = Field(2.0, gt=0)  # Retry-After of a 503 from admission
+    # Attempts per request: the first, then retries (before the first token) and
+    # migrations (after it) on other workers; cluster/retry.py has the rules.
+    max_attempts: int = Field(3, ge=1)
+
+
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -93,6 +105,11 @@ class RouterSection(_Strict):
     policy: Literal["kv_aware", "round_robin", "least_loaded"] = "kv_aware"
     served_model_name: str | None = None  # default: the model's id
     max_inflight: int = Field(256, ge=1)  # beyond this, 429 with Retry-After
+    # Requests in flight per API key (the bearer token; requests without one share one
+    # anonymous key); beyond this, 429 with Retry-After. None: no per-key limit.
+    max_inflight_per_key: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger request bodies: 413
+    max_n: int = Field(16, ge=1, le=16)  # most choices (`n`) per request: 400 beyond (the API schema caps n at 16)
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
 
@@ -104,6 +121,7 @@ class ClusterConfig(_Strict):
     transfer: TransferSection = TransferSection()
     deadlines: Deadlines = Deadlines()
     metrics: MetricsSection = MetricsSection()
+    admission: AdmissionSection = AdmissionSection()
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":

@@ -41,6 +41,7 @@ from cluster import kv_codec
 from cluster.compression import PayloadPlan
 from cluster.kv_layout import KVLayout, LayoutMismatchError
 from cluster.transport.base import KVTransport, TransferError
+from cluster.worker_api import TransferDescriptor
 
 HEADER = 0xFFFE
 ACK = 0xFFFF
@@ -51,35 +52,6 @@ ACK_OK = 1
 def new_transfer_tag(request_id: str) -> int:
     """A fresh 48-bit id per transfer attempt, in the high bits of a 64-bit tag."""
     return (xxhash.xxh3_64(f"{request_id}/{uuid.uuid4()}".encode()).intdigest() & ((1 << 48) - 1)) << 16
-
-
-@dataclass(frozen=True)
-class TransferDescriptor:
-    """Made by the decode worker, carried to the prefill worker: where and what to send."""
-
-    request_id: str
-    tag: int
-    receiver: bytes  # the decode worker's transport address
-    transport: str
-    layout: KVLayout  # the decode worker's
-    start_block: int  # first prompt block the decode worker lacks
-    num_blocks: int  # blocks to send, from start_block
-    timeout_s: float
-    plan: PayloadPlan
-
-    def quantizer(self) -> kv_codec.Quantizer:
-        return kv_codec.get_quantizer(self.plan.quantization, raw_dtype=getattr(torch, self.layout.dtype),
-                                      group_size=self.plan.group_size)
-
-    @property
-    def capacity_per_layer(self) -> int:
-        """Bytes of the largest message one layer may send (the receive buffer size)."""
-        if self.num_blocks == 0:
-            return 0
-        if self.plan.identity:
-            return self.num_blocks * self.layout.bytes_per_block_per_layer
-        lay = self.layout
-        return kv_codec.layer_message_bytes(self.quantizer(), self.plan.capacity_tokens, lay.num_kv_heads, lay.head_dim)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-import torch
 import xxhash
 
 from cluster.compression import CODEC_VERSION
@@ -17,6 +16,11 @@ from cluster.compression import CODEC_VERSION
 # Version of the handoff wire format (descriptor, header, tags, ack). Bump on change.
 # 2: the descriptor carries a PayloadPlan; compressed layers travel framed (kv_codec).
 WIRE_VERSION = 2
+
+
+# Bytes per element of the KV cache dtypes (torch's names); kept here so the layout is
+# torch-free (the router replica reads it).
+_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float64": 8}
 
 
 class LayoutMismatchError(ValueError):
@@ -36,7 +40,10 @@ class KVLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        try:
+            return _ELEMENT_SIZE[self.dtype]
+        except KeyError:
+            raise LayoutMismatchError(f"unknown KV dtype {self.dtype!r}") from None
 
     @property
     def bytes_per_block_per_layer(self) -> int:

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 from cluster.kv_layout import KVLayout
+from cluster.worker_actor import WorkerActor, worker_class
+from cluster.worker_api import WorkerAPI, WorkerHealth, WorkerSpec
 from cluster.worker_handle import WorkerDiedError, WorkerHandle
-from workers.worker import WorkerHealth, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +28,6 @@ class WorkerState:
     restarts: int = 0
     last_seen: float = 0.0
     layout: KVLayout | None = None
-
-
-def worker_class(role: str) -> type:
-    if role == "prefill":
-        from workers.prefill_worker import PrefillWorker
-
-        return PrefillWorker
-    if role == "decode":
-        from workers.decode_worker import DecodeWorker
-
-        return DecodeWorker
-    if role == "colocated":
-        from workers.colocated_worker import ColocatedWorker
-
-        return ColocatedWorker
-    raise ValueError(f"unknown worker role {role!r}")
 
 
 @dataclass(frozen=True)
@@ -65,12 +50,12 @@ class WorkerPool:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(self, startup_timeout_s: float) -> None:
-        cls = worker_class(self.role)
         for spec in self.specs:
             if self.use_ray:
                 import ray
 
-                actor_cls = ray.remote(cls).options(
+                # The actor class is torch-free; the role's worker is built inside the actor.
+                actor_cls = ray.remote(WorkerActor).options(
                     num_cpus=self.resources.num_cpus,
                     num_gpus=self.resources.num_gpus,
                     max_restarts=self.resources.max_restarts,
@@ -80,11 +65,11 @@ class WorkerPool:
                 )
                 target = actor_cls.remote(spec)
             else:
-                target = cls(spec)
+                target = worker_class(self.role)(spec)
             self.workers.append(WorkerState(WorkerHandle(self.role, spec.index, target, self.use_ray)))
         deadline = time.monotonic() + startup_timeout_s
         for w in self.workers:
-            w.layout = await w.handle.call("get_layout", timeout_s=max(deadline - time.monotonic(), 1.0))
+            w.layout = await w.handle.call(WorkerAPI.get_layout, timeout_s=max(deadline - time.monotonic(), 1.0))
             await self._probe(w, timeout_s=max(deadline - time.monotonic(), 1.0))
         log.info("%s pool up: %d workers", self.role, len(self.workers))
 
@@ -98,7 +83,7 @@ class WorkerPool:
 
     async def _probe(self, w: WorkerState, timeout_s: float) -> None:
         try:
-            h: WorkerHealth = await w.handle.call("health", timeout_s=timeout_s)
+            h: WorkerHealth = await w.handle.call(WorkerAPI.health, timeout_s=timeout_s)
         except (WorkerDiedError, TimeoutError, Exception) as e:  # noqa: BLE001 - any failure means down
             if w.up:
                 log.warning("%s is down: %s", w.handle.name, e)
@@ -124,6 +109,11 @@ class WorkerPool:
     def mark_down(self, handle: WorkerHandle) -> None:
         self.workers[handle.index].up = False
 
+    def mark_down_named(self, name: str) -> None:
+        for w in self.workers:
+            if w.handle.name == name:
+                w.up = False
+
     def healthy(self) -> list[WorkerState]:
         return [w for w in self.workers if w.up]
 
@@ -131,7 +121,7 @@ class WorkerPool:
         if self._probe_task is not None:
             self._probe_task.cancel()
         await asyncio.gather(
-            *(w.handle.call("drain", timeout_s, timeout_s=timeout_s + 5) for w in self.workers if w.up),
+            *(w.handle.call(WorkerAPI.drain, timeout_s, timeout_s=timeout_s + 5) for w in self.workers if w.up),
             return_exceptions=True,
         )
         if self.use_ray:

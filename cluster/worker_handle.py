@@ -1,17 +1,27 @@
 """One way to call a worker, whether it is a Ray actor or an object in this process.
 
-Every call and every streamed item has a deadline; a worker that died surfaces as
-WorkerDiedError (whatever Ray calls it), a deadline as TimeoutError."""
+Calls are ``WorkerAPI``'s methods (``handle.call(WorkerAPI.reserve, ...)``), never
+strings. Every call and every streamed item has a deadline; a worker that died
+surfaces as WorkerDiedError (whatever Ray calls it), a deadline as TimeoutError."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from cluster.worker_api import STREAMING_CALLS, WORKER_CALLS, WorkerDiedError
+
+T = TypeVar("T")
 
 
-class WorkerDiedError(RuntimeError):
-    """The worker process died (or was killed) while serving a call."""
+def _call_name(method: Callable[..., Any], streaming: bool) -> str:
+    name = getattr(method, "__name__", None)
+    if name not in WORKER_CALLS or getattr(method, "__qualname__", "").split(".")[0] != "WorkerAPI":
+        raise TypeError(f"not a WorkerAPI call: {method!r} (pass WorkerAPI.<method>)")
+    if (name in STREAMING_CALLS) != streaming:
+        raise TypeError(f"WorkerAPI.{name} is {'a stream: use stream()' if name in STREAMING_CALLS else 'not a stream: use call()'}")
+    return name
 
 
 def _ray_errors() -> tuple[type[BaseException], ...]:
@@ -47,7 +57,8 @@ class WorkerHandle:
             return WorkerDiedError(f"{self.name} died during {method}: {e}")
         return unwrap(e)
 
-    async def call(self, method: str, *args: Any, timeout_s: float) -> Any:
+    async def call(self, call: Callable[..., Awaitable[T]], *args: Any, timeout_s: float) -> T:
+        method = _call_name(call, streaming=False)
         try:
             if self.is_ray:
                 return await asyncio.wait_for(getattr(self.target, method).remote(*args), timeout_s)
@@ -55,8 +66,9 @@ class WorkerHandle:
         except Exception as e:
             raise self._failure(method, e, f"did not answer within {timeout_s}s") from None
 
-    async def stream(self, method: str, *args: Any, item_timeout_s: float) -> AsyncIterator[Any]:
+    async def stream(self, call: Callable[..., AsyncIterator[T]], *args: Any, item_timeout_s: float) -> AsyncIterator[T]:
         """Iterate a streaming method; each item must come within ``item_timeout_s``."""
+        method = _call_name(call, streaming=True)
         if self.is_ray:
             gen = getattr(self.target, method).options(num_returns="streaming").remote(*args)
         else:

@@ -23,9 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.admission import AdmissionRejected
 from cluster.cluster import NoWorkerError
 from cluster.json_schema import schema_error
-from cluster.worker_handle import WorkerDiedError
+from cluster.worker_api import CapacityError, TokenLogprobs, WorkerDiedError
 from router import errors
 from router.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
@@ -35,8 +36,6 @@ from router.protocol import (
 )
 from router.metrics import status_of_http
 from router.service import ChoiceEvent, RequestResult, RouterService
-from workers.engine import CapacityError
-from workers.request import TokenLogprobs
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="kvrelay", version="0.1.0")
@@ -96,6 +95,10 @@ async def _request_id_auth_and_count(request: Request, call_next):
             if counted:
                 service.metrics.requests.labels("unauthorized").inc()
             return _error(errors.invalid_api_key(given), request_id)
+    limited = _limits(service, request) if counted else None
+    if limited is not None:
+        service.metrics.requests.labels(status_of_http(limited.status)).inc()
+        return _error(limited, request_id)
     try:
         response = await call_next(request)
     except BaseException:
@@ -109,6 +112,22 @@ async def _request_id_auth_and_count(request: Request, call_next):
             status = "ok" if response.status_code < 400 else status_of_http(response.status_code)
         service.metrics.requests.labels(status).inc()
     return response
+
+
+def _limits(s: RouterService, request: Request) -> errors.APIError | None:
+    """Refusals that need no body parsed: a declared body over ``router.max_body_bytes``
+    (413; an undeclared one is measured when read, see _parse)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > s.config.router.max_body_bytes:
+        return errors.payload_too_large(int(declared), s.config.router.max_body_bytes)
+    return None
+
+
+def _api_key_of(request: Request) -> str:
+    """The key a request is counted under for ``router.max_inflight_per_key`` (requests
+    without one share the anonymous key "")."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
 
 
 @app.exception_handler(errors.APIError)
@@ -172,8 +191,12 @@ async def models(request: Request) -> JSONResponse:
 
 
 async def _parse(request: Request, cls):
+    raw = await request.body()
+    limit = _service(request).config.router.max_body_bytes
+    if len(raw) > limit:
+        raise errors.payload_too_large(len(raw), limit)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise errors.invalid_json(str(e)) from None
     if not isinstance(body, dict):
@@ -184,13 +207,21 @@ async def _parse(request: Request, cls):
         raise errors.from_validation_error(e) from None
 
 
-def _admit(s: RouterService, model: str) -> None:
+def _admit(s: RouterService, request: Request, model: str, n: int) -> None:
+    cfg = s.config.router
     if model != s.model_id:
         raise errors.model_not_found(model)
+    if n > cfg.max_n:
+        raise errors.invalid_request(f"n must be at most {cfg.max_n} on this server, got {n}", "n", "invalid_value")
     if not s.ready:
         raise errors.overloaded(5, "the cluster is starting; try again shortly")
-    if s.inflight >= s.config.router.max_inflight:
+    if s.inflight >= cfg.max_inflight:
         raise errors.rate_limited(1, f"too many requests in flight ({s.inflight}); try again shortly")
+    key = _api_key_of(request)
+    if cfg.max_inflight_per_key is not None and s.inflight_by_key.get(key, 0) >= cfg.max_inflight_per_key:
+        raise errors.rate_limited(1, f"too many requests in flight for this API key ({cfg.max_inflight_per_key}); "
+                                     "try again shortly")
+    request.state.api_key = key
 
 
 def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, chat: bool) -> None:
@@ -199,6 +230,31 @@ def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, c
         raise errors.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", "prompt")
     if len(prompt) + (max_tokens or 1) > s.max_model_len:
         raise errors.context_length_exceeded(s.max_model_len, len(prompt), max_tokens, chat=chat)
+
+
+def _body(cls) -> dict:
+    """``openapi_extra`` of an endpoint that parses its own body (to answer in OpenAI's
+    error envelope): the body's schema, so the served OpenAPI document says what the
+    endpoint accepts."""
+    ref = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for cls in (CompletionRequest, ChatCompletionRequest):
+            js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[cls.__name__] = js
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 def _check_sampling(s: RouterService, req) -> None:
@@ -215,11 +271,11 @@ def _check_sampling(s: RouterService, req) -> None:
             raise errors.invalid_request(f"response_format: the JSON schema does not compile: {problem}", "response_format")
 
 
-@app.post("/v1/completions")
+@app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
 async def completions(request: Request):
     s = _service(request)
     req: CompletionRequest = await _parse(request, CompletionRequest)
-    _admit(s, req.model)
+    _admit(s, request, req.model, req.n)
     _check_sampling(s, req)
     prompts = [list(p) if isinstance(p, list) else s.tokenizer.encode(p, add_special_tokens=True) for p in req.prompt]
     for p in prompts:
@@ -231,11 +287,11 @@ async def completions(request: Request):
     return await _respond(s, request, req, prompts, params, chat=False, echo=echo)
 
 
-@app.post("/v1/chat/completions")
+@app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     s = _service(request)
     req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-    _admit(s, req.model)
+    _admit(s, request, req.model, req.n)
     _check_sampling(s, req)
     prompt = s.tokenizer.apply_chat_template(req.template_messages())
     _check_prompt(s, prompt, req.requested_max_tokens, chat=True)
@@ -380,10 +436,11 @@ async def _respond(s: RouterService, request: Request, req, prompts: list[list[i
         want = req.logprobs is not None
         echoes = {k * n + i: _Echo(text, ids, want) for k, (text, ids) in enumerate(zip(echo, prompts)) for i in range(n)}
     stream = run.events()
-    s.inflight += 1
+    key = getattr(request.state, "api_key", "")
+    s.enter(key)
     if req.stream:
         request.state.streaming = True
-        return StreamingResponse(_sse(s, req, stream, run, chat, echoes), media_type="text/event-stream")
+        return StreamingResponse(_sse(s, req, stream, run, chat, key, echoes), media_type="text/event-stream")
     num = len(prompts) * n
     try:
         texts: dict[int, list[str]] = {i: [] for i in range(num)}
@@ -398,7 +455,7 @@ async def _respond(s: RouterService, request: Request, req, prompts: list[list[i
         request.state.status = _status(e)
         raise _as_api_error(e) from None
     finally:
-        s.inflight -= 1
+        s.leave(key)
     usage = run.usage
     if chat:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), finish_reason=reasons.get(i),
@@ -423,7 +480,7 @@ def _status(e: BaseException) -> str:
     """The ``status`` label of a request that failed while it ran."""
     if isinstance(e, errors.APIError):
         return status_of_http(e.status)
-    if isinstance(e, (NoWorkerError, CapacityError)):
+    if isinstance(e, (NoWorkerError, CapacityError, AdmissionRejected)):
         return "unavailable"
     if isinstance(e, WorkerDiedError):
         return "worker_died"
@@ -439,6 +496,8 @@ def _status(e: BaseException) -> str:
 def _as_api_error(e: BaseException) -> BaseException:
     if isinstance(e, errors.APIError):
         return e
+    if isinstance(e, AdmissionRejected):
+        return errors.overloaded(e.retry_after_s, str(e))
     if isinstance(e, (NoWorkerError, CapacityError)):
         return errors.overloaded(2, str(e))
     if isinstance(e, ValueError):
@@ -451,7 +510,7 @@ def _as_api_error(e: BaseException) -> BaseException:
     return e  # cancellation: let it propagate
 
 
-async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], run: _Run, chat: bool,
+async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], run: _Run, chat: bool, key: str,
                echoes: dict[int, _Echo] | None = None):
     rid = chat_completion_id() if chat else completion_id()
     created = now()
@@ -496,7 +555,7 @@ async def _sse(s: RouterService, req, stream: AsyncIterator[ChoiceEvent], run: _
         else:
             raise
     finally:
-        s.inflight -= 1
+        s.leave(key)
         s.metrics.requests.labels(status).inc()
 
 

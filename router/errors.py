@@ -189,6 +189,11 @@ def invalid_url(method: str, path: str) -> APIError:
     return APIError(404, f"Invalid URL ({method} {path})", INVALID_REQUEST)
 
 
+def payload_too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"The request body is {size} bytes; this server accepts at most {limit}.",
+                    INVALID_REQUEST, None, "request_too_large")
+
+
 # ---------------------------------------------------------------- 429 / 503 / 500
 
 

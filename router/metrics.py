@@ -54,13 +54,30 @@ class IndexView:
     evictions: int
 
 
-class _StateCollector(Collector):
-    """Read at scrape time: pool health and the residency indexes."""
+@dataclass(frozen=True)
+class ReliabilityView:
+    """Admission and failure handling, as the cluster in this process counts them."""
 
-    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]]) -> None:
-        self.workers, self.indexes = workers, indexes
+    pool: str  # the pool requests queue for (decode, or colocated)
+    queue_depth: int
+    rejections: dict[str, int]  # reason (full | timeout) -> requests refused by admission
+    migrations: int
+    retries: int
+
+
+ADMISSION_REJECTIONS = ("full", "timeout")
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+
+class _StateCollector(Collector):
+    """Read at scrape time: pool health, the residency indexes, admission and migrations."""
+
+    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]],
+                 reliability: Callable[[], ReliabilityView | None]) -> None:
+        self.workers, self.indexes, self.reliability = workers, indexes, reliability
 
     def collect(self) -> Iterable:
+        yield from self._reliability()
         workers, indexes = self.workers(), self.indexes()
         up = GaugeMetricFamily("kvrelay_worker_up", "1 if the router's health probe of the worker succeeds, else 0", labels=["role", "worker"])
         restarts = CounterMetricFamily("kvrelay_worker_restarts", "Worker restarts the router has seen", labels=["role", "worker"])
@@ -74,9 +91,28 @@ class _StateCollector(Collector):
             evictions.add_metric([i.pool], float(i.evictions))
         yield from (up, restarts, blocks, evictions)
 
+    def _reliability(self) -> Iterable:
+        r = self.reliability()
+        depth = GaugeMetricFamily("kvrelay_admission_queue_depth", "Requests waiting for KV room in the pool's admission queue",
+                                  labels=["pool"])
+        rejected = CounterMetricFamily("kvrelay_admission_rejections", "Requests refused by admission (503): queue full "
+                                       "or wait past its deadline", labels=["pool", "reason"])
+        migrations = CounterMetricFamily("kvrelay_request_migrations", "Requests continued on another worker after their "
+                                         "decode worker failed mid-stream")
+        retries = CounterMetricFamily("kvrelay_request_retries", "Requests retried on another worker after a failure "
+                                      "before their first token")
+        if r is not None:
+            depth.add_metric([r.pool], float(r.queue_depth))
+            for reason in ADMISSION_REJECTIONS:
+                rejected.add_metric([r.pool, reason], float(r.rejections.get(reason, 0)))
+        migrations.add_metric([], float(r.migrations if r else 0))
+        retries.add_metric([], float(r.retries if r else 0))
+        yield from (depth, rejected, migrations, retries)
+
 
 class RouterMetrics:
-    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]]) -> None:
+    def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]],
+                 reliability: Callable[[], ReliabilityView | None] = lambda: None) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("kvrelay_requests", "Requests by final status", ["status"], registry=r)
         for s in STATUSES:
@@ -96,4 +132,6 @@ class RouterMetrics:
         self.shadow_agreement = Histogram(
             "kvrelay_kv_shadow_agreement", "Shadow sampling: fraction of the first greedy tokens of a lossy handoff "
             "identical to decoding on full KV", ["preset"], buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
-        r.register(_StateCollector(workers, indexes))
+        self.admission_wait = Histogram("kvrelay_admission_wait_seconds", "Time a request waited in the admission queue "
+                                        "for KV room (requests that queued)", ["pool"], buckets=WAIT_BUCKETS, registry=r)
+        r.register(_StateCollector(workers, indexes, reliability))

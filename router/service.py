@@ -20,18 +20,15 @@ from cluster.block_hash import hash_blocks
 from cluster.cluster import KVRelayCluster, NoWorkerError
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
+from cluster.worker_api import CapacityError, SamplingParams, TokenLogprobs, WorkerAPI
 from router.detokenizer import TextStream
+from router.metrics import IndexView, ReliabilityView, RouterMetrics, WorkerView
 from router.pending_prefixes import PendingPrefixes
-from router.metrics import IndexView, RouterMetrics, WorkerView
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
 from router.residency_index import ResidencyIndex
 from router.tokenizer import load_tokenizer
-from workers.engine import CapacityError
-from workers.loader import resolve_model
-from workers.loader.loader import read_model_config
-from workers.request import TokenLogprobs
-from workers.sampling_params import SamplingParams
+from workers.loader import read_model_config, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +81,11 @@ class RouterService:
         self.policy = make_policy(config.router.policy)
         roles = ["colocated"] if config.pools.colocated else ["prefill", "decode"]
         self.indexes = {r: ResidencyIndex(max_blocks=config.router.index_max_blocks) for r in roles}
-        self.metrics = RouterMetrics(self._worker_views, self._index_views)
+        self.metrics = RouterMetrics(self._worker_views, self._index_views, self._reliability_view)
         self.cluster: KVRelayCluster | None = None
         self.ready = False
         self.inflight = 0
+        self.inflight_by_key: dict[str, int] = {}  # API key -> requests in flight (router.max_inflight_per_key)
         self.pending_prefixes = PendingPrefixes()  # prompts placed on a worker, not prefilled yet
         self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
         self._started_at: dict[str, float] = {}
@@ -98,6 +96,8 @@ class RouterService:
     async def start(self) -> None:
         self.cluster = await start_cluster(self.config)
         self.cluster.on_shadow = lambda preset, agreement: self.metrics.shadow_agreement.labels(preset).observe(agreement)
+        self.cluster.on_admission_wait = lambda pool, seconds: self.metrics.admission_wait.labels(pool).observe(seconds)
+        self.metrics.admission_wait.labels(self.cluster.admission.pool)  # exists at 0 from the start
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._event_loop())]
         for states in self.cluster.worker_states().values():  # every series exists from the start
@@ -129,10 +129,10 @@ class RouterService:
                     index.invalidate(name, "worker restarted")
                 self._started_at[name] = w.health.started_at
                 try:
-                    events = await w.handle.call("kv_events", timeout_s=2.0)
+                    events = await w.handle.call(WorkerAPI.kv_events, timeout_s=2.0)
                     index.apply(name, events)
                     if name in index.needs_resync():
-                        index.resync(name, await w.handle.call("kv_snapshot", timeout_s=5.0))
+                        index.resync(name, await w.handle.call(WorkerAPI.kv_snapshot, timeout_s=5.0))
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
 
@@ -151,6 +151,12 @@ class RouterService:
 
     def _index_views(self) -> list[IndexView]:
         return [IndexView(role, i.num_blocks, i.evictions) for role, i in self.indexes.items()]
+
+    def _reliability_view(self) -> ReliabilityView | None:
+        if self.cluster is None:
+            return None
+        q, c = self.cluster.admission, self.cluster.counters
+        return ReliabilityView(q.pool, q.depth, dict(q.rejected), c.migrations, c.decode_retries)
 
     def metrics_targets(self, router_address: str) -> list[dict]:
         """Prometheus HTTP service discovery: this router and every worker's endpoint
@@ -189,9 +195,23 @@ class RouterService:
                 )
             await asyncio.sleep(0.1)
 
+    # ---- requests in flight (the API's limits) -------------------------------------------
+
+    def enter(self, key: str) -> None:
+        self.inflight += 1
+        self.inflight_by_key[key] = self.inflight_by_key.get(key, 0) + 1
+
+    def leave(self, key: str) -> None:
+        self.inflight -= 1
+        left = self.inflight_by_key.get(key, 0) - 1
+        if left > 0:
+            self.inflight_by_key[key] = left
+        else:
+            self.inflight_by_key.pop(key, None)
+
     # ---- placement --------------------------------------------------------------------
 
-    def _snapshots(self, role: str) -> list[WorkerSnapshot]:
+    def _snapshots(self, role: str, exclude: frozenset[str] = frozenset()) -> list[WorkerSnapshot]:
         out = []
         index = self.indexes[role]
         for w in self.cluster.worker_states().get(role, []):
@@ -202,12 +222,14 @@ class RouterService:
             running = h.running if h else 0
             out.append(WorkerSnapshot(
                 w.handle.name, running, max(h.waiting if h else 0, mine - running),
-                h.free_blocks if h else 0, h.total_blocks if h else 1, w.up and h is not None,
-                index.num_blocks_of(w.handle.name),
+                h.free_blocks if h else 0, h.total_blocks if h else 1,
+                w.up and h is not None and w.handle.name not in exclude, index.num_blocks_of(w.handle.name),
             ))
         return out
 
-    def place(self, prompt: list[int], hashes: list | None = None) -> Placement:
+    def place(self, prompt: list[int], hashes: list | None = None, exclude: frozenset[str] = frozenset()) -> Placement:
+        """The policy's (P, D) for a prompt, never one of ``exclude`` (retries and
+        migrations avoid the worker that failed). Raises placement's NoWorkerError."""
         hashes = hash_blocks(prompt, self.block_size) if hashes is None else hashes
         colocated = "colocated" in self.indexes
         decode_role = "colocated" if colocated else "decode"
@@ -220,7 +242,8 @@ class RouterService:
             prefill_match={} if colocated else compute_match,
             decode_match=compute_match if colocated else dict(self.indexes[decode_role].match(hashes).blocks),
         )
-        placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill"), self._snapshots(decode_role))
+        placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude),
+                                       self._snapshots(decode_role, exclude))
         for worker in filter(None, (placement.prefill, placement.decode)):
             self.metrics.decisions.labels(self.policy_name, worker).inc()
         hit_worker, hit_match = (placement.decode, req.decode_match) if colocated else (placement.prefill, req.prefill_match)
@@ -248,8 +271,10 @@ class RouterService:
         # Count the request against its workers until the health probes see it: on the
         # prefill worker until its first token (prefill done), on the decode worker
         # until it ends.
-        for w in filter(None, (placement.prefill, placement.decode)):
-            self._placed[w] = self._placed.get(w, 0) + len(params)
+        charges = [{"prefill": placement.prefill, "decode": placement.decode} for _ in params]  # per choice
+        for c in charges:
+            self._charge(c["prefill"])
+            self._charge(c["decode"])
         queue: asyncio.Queue = asyncio.Queue()
         rid = f"req-{uuid.uuid4().hex[:16]}"
         prefilled = asyncio.Event()
@@ -260,15 +285,31 @@ class RouterService:
             stream = TextStream(self.tokenizer.hf, prompt, stop_strings)
             first_seen = False
             last_at: float | None = None  # when this choice's last tokens arrived
+            charged = charges[i]
+
+            def replace(prompt_now: list[int], exclude: frozenset[str]) -> tuple[str | None, str]:
+                """A retry or migration: the same policy, the failed workers excluded;
+                the request's load moves with it."""
+                try:
+                    again = self.place(prompt_now, exclude=exclude)
+                except NoCandidateError as e:
+                    raise NoWorkerError(str(e)) from None
+                for role in ("decode",) if first_seen else ("prefill", "decode"):
+                    self._unplace(charged[role])  # a no-op for None
+                    charged[role] = getattr(again, role)
+                    self._charge(charged[role])
+                return again.prefill, again.decode
+
             try:
                 async for out in self.cluster.generate(prompt, params[i], f"{rid}-{i}", (placement.prefill, placement.decode),
-                                                       compression):
+                                                       compression, placer=replace):
                     if out.new_token_ids:
                         self._observe_tokens(result, len(out.new_token_ids), last_at)
                         last_at = time.monotonic()
                     if not first_seen:
                         first_seen = True
-                        self._unplace(placement.prefill)
+                        self._unplace(charged["prefill"])
+                        charged["prefill"] = None  # counted on the prefill worker until its first token
                         self.pending_prefixes.remove(pending)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
@@ -290,8 +331,6 @@ class RouterService:
                 raise
             finally:
                 prefilled.set()
-                if not first_seen:
-                    self._unplace(placement.prefill)
 
         tasks = [asyncio.create_task(choice(i)) for i in range(len(params))]
         done = 0
@@ -309,7 +348,9 @@ class RouterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._placed[placement.decode] -= len(params)
+            for c in charges:  # every choice has ended (or never started)
+                self._unplace(c["prefill"])
+                self._unplace(c["decode"])
             self.pending_prefixes.remove(pending)
 
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:
@@ -325,6 +366,10 @@ class RouterService:
             result.first_token_seen = True
             m.ttft.observe(now - result.arrival)
             m.prompt_tokens.inc(result.prompt_tokens)
+
+    def _charge(self, worker: str | None) -> None:
+        if worker is not None:
+            self._placed[worker] = self._placed.get(worker, 0) + 1
 
     def _unplace(self, worker: str | None) -> None:
         if worker is not None:

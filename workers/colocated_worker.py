@@ -13,24 +13,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from workers.decode_worker import DecodeWorker
-from workers.engine import RequestOutput
+from cluster.worker_api import RequestOutput
 from workers.prefill_worker import PrefillWorker
 from workers.sampling_params import SamplingParams
 
 
 class ColocatedWorker(PrefillWorker, DecodeWorker):
     async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams, compression: str | None = None
+        self, request_id: str, prompt: list[int], params: SamplingParams, compression: str | None = None,
+        rng_state: bytes | None = None,
     ) -> AsyncIterator[RequestOutput]:
         _, settings = self.spec.compression.resolve(compression)
         if settings.lossless:
-            async for out in super().generate(request_id, prompt, params):
+            async for out in super().generate(request_id, prompt, params, rng_state=rng_state):
                 yield out
             return
         desc = await self.reserve(request_id, prompt, params, self.layout, compression)
         finished = False
         try:
-            first = await self.prefill(f"{request_id}#prefill", prompt, params, desc)
+            first = await self.prefill(f"{request_id}#prefill", prompt, params, desc, rng_state)
             yield RequestOutput(request_id, [first.first_token], [first.first_logprobs] if first.first_logprobs else [],
                                 False, None, first.num_prompt_tokens, first.num_cached_tokens, 1, first.prompt_logprobs)
             async for out in self.decode(request_id, first.first_token, first.first_logprobs, first.rng_state):

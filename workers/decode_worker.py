@@ -10,15 +10,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import torch
 
 from cluster.compression import CompressionSettings, PayloadPlan
 from cluster.kv_handoff import KVReceiver, ReceivedKV, TransferDescriptor, new_transfer_tag
+from cluster.worker_api import RequestOutput, TokenLogprobs
 from cluster.kv_layout import KVLayout
 from cluster.transport.base import TransferError
 from workers import kv_selection
-from workers.engine import RequestOutput
-from workers.request import TokenLogprobs
 from workers.sampling_params import SamplingParams
 from workers.worker import WorkerBase, WorkerSpec
 
@@ -130,7 +128,7 @@ class DecodeWorker(WorkerBase):
         request_id: str,
         first_token: int | None,
         first_logprobs: TokenLogprobs | None = None,
-        rng_state: torch.Tensor | None = None,
+        rng_state: bytes | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's tokens after the first. ``first_token`` None: the
         prefill never produced it (its worker died): recompute everything here."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cluster.worker_api import CapacityError, RequestOutput
 from workers.attention import get_backend
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
@@ -22,7 +23,7 @@ from workers.grammar import Grammars, load_hf_tokenizer
 from workers.kv_cache import KVCache, KVCacheSpec
 from workers.loader import LoadedModel, load_model, resolve_model
 from workers.model_runner import ModelRunner
-from workers.request import CompactedKV, Request, RequestStatus, TokenLogprobs
+from workers.request import CompactedKV, Request, RequestStatus, TokenLogprobs, generator_from_state, rng_state_bytes
 from workers.sampler import SampledToken, Sampler
 from workers.sampling_params import SamplingParams
 from workers.scheduler import SchedulerOutput, Scheduler
@@ -31,23 +32,6 @@ if TYPE_CHECKING:
     from cluster.kv_handoff import ReceivedKV
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request (tokens are the *new* ones)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs]
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
-    num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens served from the prefix cache
-    num_output_tokens: int
-    # With params.prompt_logprobs, on the request's first token only: per prompt position
-    # the logprob of that prompt token (position 0: None).
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,10 +47,6 @@ class Reservation:
     num_cached_blocks: int
     block_ids: tuple[int, ...]
     suffix_slots: int
-
-
-class CapacityError(RuntimeError):
-    """The KV pool cannot take this request now (retry later or elsewhere)."""
 
 
 @dataclass
@@ -153,9 +133,14 @@ class Engine:
                 f"the KV pool has {self.block_manager.num_blocks}"
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, rng_state: bytes | None = None
+    ) -> None:
+        """``rng_state`` continues another request's sampling RNG (a migrated request)."""
         self.validate(request_id, prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
+        if rng_state is not None:
+            req.generator = generator_from_state(rng_state)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -205,7 +190,7 @@ class Engine:
         first_token: int | None,
         first_logprobs: TokenLogprobs | None = None,
         kv: "ReceivedKV | None" = None,
-        rng_state: torch.Tensor | None = None,
+        rng_state: bytes | None = None,
     ) -> RequestOutput | None:
         """Start decoding a reserved request.
 
@@ -218,8 +203,7 @@ class Engine:
         output if the first token already ends the request."""
         req = self.scheduler.waiting_remote[request_id]
         if rng_state is not None:
-            req.generator = torch.Generator().manual_seed(0)
-            req.generator.set_state(rng_state)
+            req.generator = generator_from_state(rng_state)
         installed = kv is not None and self._install(req, kv)
         if first_token is not None:
             req.append_token(first_token)
@@ -381,6 +365,9 @@ class Engine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens,
             prompt_logprobs=prompt_logprobs,
+            # Seeded random sampling: the RNG travels with each output so that another
+            # worker can continue the request exactly (migration after a worker death).
+            rng_state=rng_state_bytes(req.generator) if req.params.seed is not None and not req.params.greedy else None,
         )
 
     # ---- convenience ----------------------------------------------------------------

@@ -7,40 +7,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from dataclasses import dataclass
 
 import torch
 
 from cluster.kv_handoff import KVSender, TransferDescriptor
+from cluster.worker_api import PrefillResult
 from workers.kv_export import KVExport
 from workers.model_runner import LayerDone
-from workers.request import TokenLogprobs
+from workers.request import rng_state_bytes
 from workers.sampling_params import SamplingParams
 from workers.scheduler import ScheduledChunk
 from workers.worker import WorkerBase, WorkerSpec
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    request_id: str
-    first_token: int
-    first_logprobs: TokenLogprobs | None
-    rng_state: torch.Tensor | None  # the sampling RNG after the first token
-    num_prompt_tokens: int
-    num_cached_tokens: int  # served from this worker's prefix cache
-    bytes_sent: int  # KV payload handed to the transport (only what D lacks, compressed)
-    full_bytes: int  # the whole prompt's KV in the cache dtype
-    full_bytes_16bit: int  # the whole prompt's KV in 16-bit (what ratios are quoted against)
-    preset: str  # the payload's compression label
-    kept_fraction: float  # mean over layers of the shipped suffix's tokens kept (1.0 when dense)
-    guard_raised_layers: int  # layers the quality guard sent with more tokens than planned
-    min_mass: float  # lowest per-layer attention mass of the kept tokens (1.0 when dense)
-    encode_seconds: float  # selection + gather + quantization, all layers
-    layer_computed_at: dict[int, float]  # wall clock when each layer's K/V were in the cache
-    layer_sent_at: dict[int, float]
-    prefill_seconds: float
-    # params.prompt_logprobs: the prompt tokens' logprobs, computed during this prefill
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class PrefillWorker(WorkerBase):
@@ -78,8 +55,12 @@ class PrefillWorker(WorkerBase):
                 for i, buf in self._held.pop(c.request.request_id):
                     sender.send_layer(i, buf)
 
-    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, desc: TransferDescriptor) -> PrefillResult:
-        """Raises LayoutMismatchError (refused handshake) or ValueError (bad input)."""
+    async def prefill(
+        self, request_id: str, prompt: list[int], params: SamplingParams, desc: TransferDescriptor,
+        rng_state: bytes | None = None,
+    ) -> PrefillResult:
+        """Raises LayoutMismatchError (refused handshake) or ValueError (bad input).
+        ``rng_state`` continues a migrated request's sampling RNG."""
         start = time.perf_counter()
         num_blocks = self.engine.block_manager.blocks_for(len(prompt))
         sender = KVSender(self.transport, desc, self.layout, num_blocks)
@@ -90,7 +71,7 @@ class PrefillWorker(WorkerBase):
         holder = {}
 
         def admit():
-            self.engine.add_request(request_id, prompt, first_only)
+            self.engine.add_request(request_id, prompt, first_only, rng_state)
             holder["req"] = req = self.engine.requests[request_id]
             if desc.plan.sparse:  # the selection scores with the whole window's queries
                 req.min_uncached_tokens = max(req.min_uncached_tokens, min(len(prompt), desc.plan.window))
@@ -116,7 +97,7 @@ class PrefillWorker(WorkerBase):
             request_id=request_id,
             first_token=first.new_token_ids[0],
             first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
-            rng_state=req.generator.get_state() if req.generator is not None else None,
+            rng_state=rng_state_bytes(req.generator),
             num_prompt_tokens=len(prompt),
             num_cached_tokens=first.num_cached_tokens,
             bytes_sent=sender.bytes_sent,

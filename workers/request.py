@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from cluster.block_hash import BlockHash, hash_blocks
+from cluster.worker_api import TokenLogprobs
 from workers.sampling_params import SamplingParams
 
 
@@ -27,11 +28,15 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+def rng_state_bytes(gen: torch.Generator | None) -> bytes | None:
+    """A sampling RNG as bytes (what crosses processes: the router never loads torch)."""
+    return None if gen is None else gen.get_state().numpy().tobytes()
+
+
+def generator_from_state(state: bytes) -> torch.Generator:
+    gen = torch.Generator()
+    gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return gen
 
 
 @dataclass(frozen=True)

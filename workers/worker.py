@@ -19,47 +19,15 @@ import torch
 from cluster.compression import CompressionSection
 from cluster.kv_events import KVEvent, KVSnapshot
 from cluster.kv_layout import KVLayout
+from cluster.worker_api import WorkerHealth, WorkerSpec  # noqa: F401 - WorkerSpec re-exported
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
-from workers.engine import Engine, RequestOutput
+from cluster.worker_api import RequestOutput
+from workers.engine import Engine
 from workers.metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    role: str  # "prefill" | "decode" | "colocated"
-    index: int
-    engine: EngineConfig
-    transport: str  # "ucx" | "inprocess" | "none"
-    token_timeout_s: float = 60.0
-    transfer_timeout_s: float = 30.0
-    prefill_timeout_s: float = 120.0
-    layerwise: bool = True  # ship each layer as soon as it is computed
-    compression: CompressionSection = CompressionSection()  # transfer.compression: the default payload
-    # Prometheus endpoint of this worker: None = none; 0 = a free port.
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = None
-    # Test-only fault injection on this worker's sends: {"mode": "fail"|"drop"|"delay", "delay_s": s}
-    transport_faults: dict | None = None
-
-
-@dataclass(frozen=True)
-class WorkerHealth:
-    role: str
-    index: int
-    pid: int
-    started_at: float  # changes when the worker restarts
-    engine_alive: bool
-    running: int
-    waiting: int
-    kv_usage: float
-    free_blocks: int
-    total_blocks: int
-    max_model_len: int
-    metrics_address: str | None = None  # "ip:port" of this worker's /metrics
 
 
 class WorkerBase:
@@ -170,11 +138,16 @@ class WorkerBase:
     # ---- requests ---------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams, compression: str | None = None
+        self, request_id: str, prompt: list[int], params: SamplingParams, compression: str | None = None,
+        rng_state: bytes | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The whole request on this worker, its KV never compressed (``compression``
-        is for the colocated worker, which can run the codecs in process)."""
-        async for out in self.aengine.generate(request_id, prompt, params, timeout_s=None):
+        is for the colocated worker, which can run the codecs in process).
+        ``rng_state`` continues a migrated request's sampling RNG."""
+        def admit():
+            self.engine.add_request(request_id, prompt, params, rng_state)
+
+        async for out in self.aengine.generate(request_id, prompt, params, timeout_s=None, start=admit):
             yield out
 
     async def abort(self, request_id: str) -> bool:

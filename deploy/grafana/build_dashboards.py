@@ -274,6 +274,19 @@ def overview() -> dict:
               "streamed tokens within the ITL SLO ($itl_slo s).",
               [(TTFT_ATTAINMENT, "requests within TTFT SLO"), (ITL_ATTAINMENT, "tokens within ITL SLO")],
               w=8, unit="percentunit", min=0, max=1),
+        row("Admission and failures"),
+        panel("timeseries", "Admission queue depth", "Requests waiting for KV room on a decode worker (FIFO, retries "
+              "and migrations first); they are answered 503 only when the queue is full or the wait passes "
+              "admission.queue_timeout_s.",
+              [("sum by (pool) (kvrelay_admission_queue_depth)", "{{pool}}")], w=8, unit="short", min=0),
+        panel("timeseries", "Admission wait", "p50 / p99 of the time requests that queued waited for KV room.",
+              quantiles("kvrelay_admission_wait_seconds", (0.5, 0.99), by="pool"), w=8, unit="s", min=0),
+        panel("timeseries", "Refused, migrated, retried", "Requests per second refused by admission (by reason), "
+              "continued on another worker after their decode worker failed mid-stream (migrated), or retried "
+              "elsewhere before their first token.",
+              [(f"sum by (reason) ({rate('kvrelay_admission_rejections_total')})", "refused: {{reason}}"),
+               (f"sum({rate('kvrelay_request_migrations_total')})", "migrated"),
+               (f"sum({rate('kvrelay_request_retries_total')})", "retried")], w=8, unit="reqps", min=0),
         row("Tokens"),
         panel("timeseries", "Token throughput (tokens/s)", "Prompt and generated tokens per second of finished requests "
               "(as reported in `usage`).",

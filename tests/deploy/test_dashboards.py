@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 # Label values and buckets come from the code that exports them (one source for the contract).
 from cluster.compression import PRESETS
-from router.metrics import E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS
+from router.metrics import ADMISSION_REJECTIONS, E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS, WAIT_BUCKETS
 from workers.metrics import FALLBACK_REASONS, KEPT_FRACTION_BUCKETS, QUEUE_TIME_BUCKETS, TRANSFER_BUCKETS
 from workers.metrics import TRANSFER_FAILURE_REASONS as REASONS
 
@@ -80,6 +80,12 @@ CONTRACT = {
     "kvrelay_router_index_evictions_total": Metric("counter", (ROUTER,), ("pool",)),
     "kvrelay_worker_up": Metric("gauge", (ROUTER,), ("role", "worker")),
     "kvrelay_worker_restarts_total": Metric("counter", (ROUTER,), ("role", "worker")),
+    "kvrelay_admission_queue_depth": Metric("gauge", (ROUTER,), ("pool",)),
+    "kvrelay_admission_wait_seconds": Metric("histogram", (ROUTER,), ("pool",), buckets=WAIT_BUCKETS),
+    "kvrelay_admission_rejections_total": Metric("counter", (ROUTER,), ("pool", "reason"),
+                                                 values={"reason": ADMISSION_REJECTIONS}),
+    "kvrelay_request_migrations_total": Metric("counter", (ROUTER,)),
+    "kvrelay_request_retries_total": Metric("counter", (ROUTER,)),
     # worker processes (every series labelled role, worker)
     "kvrelay_request_queue_time_seconds": Metric("histogram", ALL_WORKERS, buckets=QUEUE_TIME_BUCKETS),
     "kvrelay_prefix_cache_query_tokens_total": Metric("counter", ALL_WORKERS),
@@ -422,9 +428,11 @@ def healthy_cluster(mode: str) -> list[dict]:
     # compression fallbacks, no sparse payloads (their histogram stays empty).
     quiet = {"kvrelay_kv_transfer_failures_total", "kvrelay_kv_recomputes_total", "kvrelay_preemptions_total",
              "kvrelay_router_index_evictions_total", "kvrelay_worker_restarts_total",
-             "kvrelay_kv_compression_fallbacks_total", "kvrelay_kv_compression_kept_ratio"}
+             "kvrelay_kv_compression_fallbacks_total", "kvrelay_kv_compression_kept_ratio",
+             "kvrelay_admission_wait_seconds", "kvrelay_admission_rejections_total", "kvrelay_request_migrations_total",
+             "kvrelay_request_retries_total"}
     gauges = {"kvrelay_worker_up": "1", "kvrelay_kv_cache_usage_ratio": "0.4", "kvrelay_running_requests": "2",
-              "kvrelay_waiting_requests": "0", "kvrelay_router_index_blocks": "120"}
+              "kvrelay_waiting_requests": "0", "kvrelay_router_index_blocks": "120", "kvrelay_admission_queue_depth": "0"}
     out = []
 
     def add(name, labels, values):

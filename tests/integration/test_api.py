@@ -3,6 +3,7 @@ SmolLM2), driven by the official `openai` client and raw HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from workers.sampling_params import SamplingParams
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 KEY = "sk-test-kvrelay-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
+PER_KEY = 3  # router.max_inflight_per_key of the server below
 
 
 def _free_port() -> int:
@@ -33,7 +35,10 @@ def server():
     env = {**os.environ, "KVRELAY_API_KEY": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--api-key", KEY,
-         "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048"],
+         "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048",
+         # the API's limits (tested in test_request_limits)
+         "--set", f"router.max_inflight_per_key={PER_KEY}", "--set", "router.max_body_bytes=262144",
+         "--set", "router.max_n=4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -233,6 +238,35 @@ def test_bad_input_matrix_then_still_serving(server, client):
     assert r.choices[0].message.content
 
 
+def test_request_limits(server, client):
+    """Body size (413), n (400), requests in flight per API key (429 + Retry-After),
+    each in OpenAI's envelope; the server serves normally right after."""
+    big = _post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 60_000, "max_tokens": 1})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 5, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 4" in r.json()["error"]["message"]
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Count slowly to a thousand:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    open_streams = []  # kept referenced: a line iterator that is collected closes its connection
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(httpx.Client(timeout=60))
+        for _ in range(PER_KEY):  # PER_KEY streams of this key, admitted and running
+            r = stack.enter_context(http.stream("POST", f"{server}/v1/completions", json=body, headers=headers))
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            open_streams.append(lines)
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert '"error"' not in first, first
+        over = _post(server, "/v1/completions", {"model": MODEL, "prompt": "one more", "max_tokens": 1})
+    assert over.status_code == 429 and over.headers.get("retry-after") == "1", over.text
+    assert over.json()["error"]["code"] == "rate_limit_exceeded" and "API key" in over.json()["error"]["message"]
+    deadline = time.monotonic() + 30  # the closed streams leave the router's count
+    while (r := _post(server, "/v1/completions", {"model": MODEL, "prompt": "and now?", "max_tokens": 2})).status_code == 429:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
 def test_client_disconnect_frees_blocks_on_both_workers(server):
     headers = {"authorization": f"Bearer {KEY}"}
     body = {"model": MODEL, "prompt": "Write a very long story about a lighthouse keeper.", "max_tokens": 1500,
@@ -305,3 +339,46 @@ def test_kv_compression_field_on_both_endpoints(server, client, tokenizer):
     sent = [line for line in scraped.splitlines()
             if line.startswith("kvrelay_kv_transfer_bytes_total") and 'preset="balanced"' in line and 'role="prefill"' in line]
     assert sent and float(sent[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_fuzz_completions_and_chat_against_the_served_schema(server):
+    """schemathesis (property-based, from the served OpenAPI document) on both
+    endpoints, 150 examples each: never a 5xx, every error in OpenAI's envelope, and
+    the server healthy afterwards. Half the examples name the served model (with few
+    tokens to generate), so the fuzz reaches the workers, not only validation."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    headers = {"authorization": f"Bearer {KEY}"}
+    failures: list[str] = []
+    seen: dict[int, int] = {}
+
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        @given(case=schema[path]["POST"].as_strategy())
+        @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        def run(case):
+            body = case.body
+            if isinstance(body, dict) and len(repr(body)) % 2 == 0:
+                body["model"] = MODEL
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+                        body[key] = max(min(body[key], 4), -1)
+                if "max_tokens" not in body and "max_completion_tokens" not in body:
+                    body["max_tokens"] = 4  # a chat's default is the whole context: minutes on a CPU
+            response = case.call(base_url=server, headers=headers, timeout=120)
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            if response.status_code >= 500:
+                failures.append(f"{path} {response.status_code}: {response.text[:300]} for {body!r}"[:600])
+            elif response.status_code >= 400:
+                err = response.json().get("error")
+                if not (isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err)):
+                    failures.append(f"{path} {response.status_code} not in OpenAI's envelope: {response.text[:300]}")
+
+        run()
+    assert not failures, "\n".join(failures[:10])
+    assert sum(seen.values()) >= 300 and any(200 <= code < 300 for code in seen), seen
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "Still alive?", "max_tokens": 2})
+    assert r.status_code == 200

@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 
 from cluster.cluster import KVRelayCluster
+from cluster.worker_api import WorkerAPI
 from tests.compacted_oracle import compacted_run, masked_run, prefill_kv
 from tests.integration.prompts import long_text
 from tests.integration.test_disaggregation import GREEDY, Running, _config
@@ -64,7 +65,7 @@ def _generate(c: Running, prompt, compression=None, request_id=None, params=GREE
 
 
 def _prefill_log(c: Running, rid: str):
-    return c.call(c.cluster.prefill, 0, "prefill_log", rid)
+    return c.call(c.cluster.prefill, 0, WorkerAPI.prefill_log, rid)
 
 
 def test_sparse_keep_1_int8_and_none_agree_over_ucx(ucx_compressed, tokenizer):
@@ -94,11 +95,11 @@ def test_sparse_keep_1_int8_and_none_agree_over_ucx(ucx_compressed, tokenizer):
 def test_compacted_blocks_never_dedup_or_become_resident(ucx_compressed, tokenizer):
     c = ucx_compressed
     prompt = [7] + _needle_prompt(tokenizer, 2500)
-    c.run(c.cluster.decode.workers[0].handle.call("kv_events", timeout_s=10))  # drain
+    c.run(c.cluster.decode.workers[0].handle.call(WorkerAPI.kv_events, timeout_s=10))  # drain
     compressed = _generate(c, prompt, compression="balanced", request_id="cmp-1")
     r1 = _prefill_log(c, "cmp-1")
     assert r1.kept_fraction < 0.6 and r1.bytes_sent * 6 < r1.full_bytes_16bit
-    events = c.run(c.cluster.decode.workers[0].handle.call("kv_events", timeout_s=10))
+    events = c.run(c.cluster.decode.workers[0].handle.call(WorkerAPI.kv_events, timeout_s=10))
     assert not [e for e in events if type(e).__name__ == "BlockStored"], "compacted blocks were reported resident"
     # The same prompt, uncompressed: the decode worker holds nothing exact, so every page travels...
     plain = _generate(c, prompt, compression="none", request_id="cmp-2")
@@ -124,7 +125,7 @@ def test_guard_that_cannot_be_met_falls_back_and_counts_and_shadow_sampling(toke
         assert out
         log = _prefill_log(c, "guard-1")
         assert log.guard_raised_layers > 0 and log.kept_fraction > 0.1
-        stats = c.call(c.cluster.prefill, 0, "stats")
+        stats = c.call(c.cluster.prefill, 0, WorkerAPI.stats)
         assert stats["compression_fallbacks"]["guard"] == 1
         # Shadow sampling: the same first 8 greedy tokens decoded on full KV on the
         # prefill worker; with the guard keeping ~all attention mass they agree.
@@ -152,7 +153,7 @@ def test_broken_compressed_transfer_is_recomputed_and_counted(tokenizer, mode):
     try:
         prompt = _needle_prompt(tokenizer, 1500)
         assert _generate(c, prompt)  # completes: recomputed on the decode worker
-        d = c.call(cluster.decode, 0, "stats")
+        d = c.call(cluster.decode, 0, WorkerAPI.stats)
         assert d["kv_recomputes"] == 1 and d["transfer_failures"] == {"timeout": 1}
     finally:
         c.close()
@@ -164,11 +165,11 @@ def test_colocated_runs_the_same_codecs_in_process(tokenizer):
         prompt = _needle_prompt(tokenizer, 2000)
         full = _generate(c, prompt, compression="none", request_id="co-none")
         lossy = _generate(c, [5] + prompt, compression="balanced", request_id="co-bal")
-        log = c.call(c.cluster.decode, 0, "prefill_log", "co-bal#prefill")
+        log = c.call(c.cluster.decode, 0, WorkerAPI.prefill_log, "co-bal#prefill")
         assert log is not None and log.preset == "balanced" and log.kept_fraction < 0.6
         assert log.bytes_sent * 6 < log.full_bytes_16bit
         assert full and lossy
-        stats = c.call(c.cluster.decode, 0, "stats")
+        stats = c.call(c.cluster.decode, 0, WorkerAPI.stats)
         assert stats["transfer_by_preset"]["balanced"][0] == log.bytes_sent
     finally:
         c.close()

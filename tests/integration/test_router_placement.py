@@ -11,6 +11,7 @@ import pytest
 
 from cluster.block_hash import hash_blocks
 from cluster.config import ClusterConfig
+from cluster.worker_api import WorkerAPI
 from router.placement import make_policy
 from router.service import RequestResult, RouterService
 from tests.integration.prompts import long_text
@@ -139,7 +140,7 @@ def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray
     for w in s.cluster.prefill.workers:
         for p in prompts:
             hashes = hash_blocks(p, s.block_size)
-            truth = router.run(w.handle.call("cached_prefix_blocks", hashes, timeout_s=10))
+            truth = router.run(w.handle.call(WorkerAPI.cached_prefix_blocks, hashes, timeout_s=10))
             assert index.match(hashes, touch=False).num_blocks(w.handle.name) == truth
             checked += truth == 0
     assert checked > 0  # some prompts were evicted somewhere, and the index agrees

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
-import torch
 
 from workers.model.config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made: reading a config needs no torch
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -89,6 +92,8 @@ def _hf_name(name: str) -> str:
 
 def iter_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor) for every tensor, dequantized."""
+    import torch
+
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])

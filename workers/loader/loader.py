@@ -123,13 +123,6 @@ def load_model(
     return LoadedModel(model, cfg, source, dtype, device)
 
 
-def read_model_config(source: ModelSource) -> ModelConfig:
-    """The architecture alone (no weights read): for the router's context checks."""
-    if source.kind == "gguf":
-        return gguf_file.read_config(gguf_file.open_gguf(source.path), source.model_id)
-    return safetensors_dir.read_config(source.path, source.model_id)
-
-
 def random_model(
     cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
 ) -> LoadedModel:

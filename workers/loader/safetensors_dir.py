@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from workers.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made: reading a config needs no torch
 
 
 def read_config(directory: Path, name: str) -> ModelConfig:
@@ -26,6 +29,8 @@ def tensor_names(directory: Path) -> list[tuple[Path, str]]:
 
 
 def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for k in f.keys():

@@ -1,0 +1,123 @@
+"""Admission queue (cluster/admission.py), the retry rules (cluster/retry.py), their
+configuration and the API's answer to a refusal; the real cluster under back-pressure
+is tests/integration/test_reliability.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.admission import AdmissionQueue, AdmissionRejected
+from cluster.config import ClusterConfig, ConfigError
+from cluster.retry import Step, next_step
+from cluster.worker_api import CapacityError, WorkerDiedError
+
+
+class Slots:
+    """A pool with ``n`` reservations; ``try_take`` raises CapacityError when full."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.order: list[str] = []
+
+    def taker(self, name: str):
+        async def take():
+            await asyncio.sleep(0)
+            if self.free == 0:
+                raise CapacityError("full")
+            self.free -= 1
+            self.order.append(name)
+            return name
+        return take
+
+
+def test_fifo_with_retries_first_and_everyone_admitted():
+    async def go():
+        slots = Slots(1)
+        q = AdmissionQueue("decode", max_waiting=10, timeout_s=5, retry_after_s=1)
+        waits = []
+        q.on_wait = lambda pool, s: waits.append((pool, s))
+        assert await q.admit(slots.taker("first")) == "first"  # room: no wait
+        tasks = [asyncio.create_task(q.admit(slots.taker(f"fresh{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(q.admit(slots.taker("retry"), retry=True)))
+        await asyncio.sleep(0.05)
+        assert q.depth == 4
+        for _ in range(4):  # free one slot at a time
+            slots.free += 1
+            q.wake()
+            await asyncio.sleep(0.05)
+        assert await asyncio.gather(*tasks) == ["fresh0", "fresh1", "fresh2", "retry"]
+        return slots.order, q.depth, waits
+
+    order, depth, waits = asyncio.run(go())
+    assert order == ["first", "retry", "fresh0", "fresh1", "fresh2"]  # retry jumped the fresh ones
+    assert depth == 0 and len(waits) == 4 and all(p == "decode" for p, _ in waits)
+
+
+def test_full_queue_and_deadline_are_refused_with_their_reason():
+    async def go():
+        slots = Slots(0)
+        q = AdmissionQueue("decode", max_waiting=1, timeout_s=0.5, retry_after_s=3)
+        waiting = asyncio.create_task(q.admit(slots.taker("a")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(AdmissionRejected) as full:
+            await q.admit(slots.taker("b"))
+        t0 = time.monotonic()
+        with pytest.raises(AdmissionRejected) as late:
+            await waiting
+        return full.value, late.value, time.monotonic() - t0, q
+
+    full, late, waited, q = asyncio.run(go())
+    assert (full.reason, full.retry_after_s) == ("full", 3)
+    assert late.reason == "timeout" and waited < 1.0  # within its deadline, not a hang
+    assert dict(q.rejected) == {"full": 1, "timeout": 1} and q.depth == 0
+
+
+def test_a_cancelled_waiter_leaves_the_queue():
+    async def go():
+        q = AdmissionQueue("decode", max_waiting=5, timeout_s=5, retry_after_s=1)
+        t = asyncio.create_task(q.admit(Slots(0).taker("x")))
+        await asyncio.sleep(0.05)
+        assert q.depth == 1
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        return q.depth
+
+    assert asyncio.run(go()) == 0
+
+
+@pytest.mark.parametrize("error, sent, attempts, step", [
+    (WorkerDiedError("decode-0 died during decode"), 0, 1, Step.RETRY),
+    (TimeoutError("decode-0.reserve did not answer"), 0, 1, Step.RETRY),
+    (WorkerDiedError("decode-0 died during decode"), 5, 1, Step.MIGRATE),
+    (TimeoutError("decode-0.decode sent nothing"), 5, 2, Step.MIGRATE),
+    (WorkerDiedError("decode-0 died during decode"), 5, 3, Step.FAIL),  # max_attempts 3
+    (ValueError("bad prompt"), 0, 1, Step.FAIL),
+    (AdmissionRejected("full", "full", 1), 0, 1, Step.FAIL),
+])
+def test_retry_rules(error, sent, attempts, step):
+    assert next_step(error, sent, attempts, max_attempts=3) is step
+
+
+def test_limits_are_configurable_and_validated():
+    cfg = ClusterConfig.build({"admission": {"max_queued": 8, "queue_timeout_s": 5},
+                               "router": {"max_inflight_per_key": 4, "max_body_bytes": 65536, "max_n": 2}})
+    assert (cfg.admission.max_queued, cfg.router.max_inflight_per_key, cfg.router.max_n) == (8, 4, 2)
+    for bad, key in [({"admission": {"queue_timeout_s": 0}}, "admission.queue_timeout_s"),
+                     ({"router": {"max_inflight_per_key": 0}}, "router.max_inflight_per_key"),
+                     ({"router": {"max_n": 17}}, "router.max_n"),
+                     ({"router": {"max_body_bytes": 10}}, "router.max_body_bytes")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            ClusterConfig.build(bad)
+
+
+def test_refusal_is_503_with_retry_after():
+    from router.api import _as_api_error, _status
+
+    err = _as_api_error(AdmissionRejected("the decode pool has no free KV and its queue is full", "full", 2.5))
+    assert (err.status, err.headers, err.code) == (503, {"Retry-After": "3"}, "overloaded")
+    assert err.error_body()["error"]["type"] == "server_error"
+    assert _status(AdmissionRejected("x", "timeout", 1)) == "unavailable"
