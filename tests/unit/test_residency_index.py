@@ -96,11 +96,11 @@ def test_match_result_helpers(idx):
 
 def test_match_is_pure_with_touch_false(idx):
     idx.apply("w0", [stored(1, A)])
-    before = list(idx._lru)
+    before = idx.lru_order()
     idx.match(A, touch=False)
-    assert list(idx._lru) == before
+    assert idx.lru_order() == before
     idx.match(A[:1])
-    assert list(idx._lru)[-1] == ("w0", A[0])
+    assert idx.lru_order()[-1] == ("w0", A[0])
 
 
 # ---- tree shape and memory reclamation --------------------------------------------
@@ -110,39 +110,39 @@ def test_nodes_shared_and_reclaimed(idx):
     idx.apply("w0", [stored(1, A)])
     idx.apply("w1", [stored(1, B)])
     assert (idx.num_nodes, idx.num_blocks) == (6, 8)  # a0 a1 a2 a3 b2 b3
-    assert idx._root.children.keys() == {A[0]}
-    assert idx._nodes[A[1]].children.keys() == {A[2], B[2]}
-    assert idx._nodes[A[0]].workers == {"w0", "w1"}
+    assert idx.children_of(None) == {A[0]}
+    assert idx.children_of(A[1]) == {A[2], B[2]}
+    assert idx.holders_of(A[0]) == {"w0", "w1"}
 
     idx.apply("w1", [removed(2, B[3], B[2])])  # w1's own tail: b2 b3 nodes go
     assert (idx.num_nodes, idx.num_blocks) == (4, 6)
-    assert idx._nodes[A[1]].children.keys() == {A[2]}
+    assert idx.children_of(A[1]) == {A[2]}
 
     idx.apply("w0", [removed(2, A[0])])  # a0 kept: w1 holds it and it has children
     assert (idx.num_nodes, idx.num_blocks) == (4, 5)
-    assert idx._nodes[A[0]].workers == {"w1"}
+    assert idx.holders_of(A[0]) == {"w1"}
 
     idx.apply("w1", [removed(3, A[1], A[0])])  # a0 stays: it has a child, w0's a1
     assert (idx.num_nodes, idx.num_blocks) == (4, 3)
-    assert idx._nodes[A[0]].workers == set() and idx._nodes[A[1]].workers == {"w0"}
+    assert idx.holders_of(A[0]) == set() and idx.holders_of(A[1]) == {"w0"}
     assert idx.match(A).blocks == {"w0": 0, "w1": 0}
 
     idx.apply("w0", [removed(3, A[3], A[2])])
     assert (idx.num_nodes, idx.num_blocks) == (2, 1)
     idx.apply("w0", [removed(4, A[1])])  # the whole chain unwinds to the root
     assert (idx.num_nodes, idx.num_blocks) == (0, 0)
-    assert idx._root.children == {}
+    assert idx.children_of(None) == set()
 
 
 def test_unknown_parent_becomes_placeholder_then_links(idx):
     # w0 reports a2 a3 before the index saw a1 (e.g. the index evicted it)
     idx.apply("w0", [stored(1, A, 2, 4)])
     assert idx.num_nodes == 3  # a1 placeholder + a2 + a3
-    assert idx._nodes[A[1]].parent is None and idx._nodes[A[1]].workers == set()
+    assert idx.parent_of(A[1]) is None and idx.holders_of(A[1]) == set()
     assert idx.match(A).blocks == {"w0": 0}
     idx.apply("w1", [stored(1, A, 0, 2)])  # a1 learns its place under a0
-    assert idx._nodes[A[1]].parent is idx._nodes[A[0]]
-    assert idx._nodes[A[0]].children.keys() == {A[1]}
+    assert idx.parent_of(A[1]) == A[0]
+    assert idx.children_of(A[0]) == {A[1]}
     assert idx.match(A).blocks == {"w0": 0, "w1": 2}
     idx.apply("w0", [stored(2, A, 0, 2)])
     assert idx.match(A).blocks == {"w0": 4, "w1": 2}
@@ -234,8 +234,8 @@ def test_resync_unordered_snapshot_builds_the_tree(idx):
     pairs = [(A[3], A[2]), (A[1], A[0]), (A[2], A[1]), (A[0], None)]
     idx.resync("w0", KVSnapshot(4, tuple(pairs)))
     assert idx.match(A).blocks == {"w0": 4}
-    assert idx._root.children.keys() == {A[0]}
-    assert [idx._nodes[h].parent.block_hash for h in A[1:]] == A[:3]
+    assert idx.children_of(None) == {A[0]}
+    assert [idx.parent_of(h) for h in A[1:]] == A[:3]
 
 
 def test_invalidate_then_resync(idx):
@@ -281,7 +281,7 @@ def test_not_an_event(idx):
 def test_cap_evicts_least_recently_used_entries():
     idx = ResidencyIndex(max_blocks=5)
     idx.apply("w0", [stored(1, A)])  # LRU oldest->newest: a3 a2 a1 a0 (chain tail oldest)
-    assert list(idx._lru) == [("w0", A[3]), ("w0", A[2]), ("w0", A[1]), ("w0", A[0])]
+    assert idx.lru_order() == [("w0", A[3]), ("w0", A[2]), ("w0", A[1]), ("w0", A[0])]
     idx.apply("w1", [stored(1, C)])  # 6 entries: (w0, a3) goes
     assert idx.evictions == 1 and idx.num_blocks == 5
     assert idx.blocks_of("w0") == frozenset(A[:3])
@@ -292,14 +292,14 @@ def test_cap_evicts_least_recently_used_entries():
     assert idx.evictions == 3 and idx.num_blocks == 5
     assert idx.blocks_of("w1") == frozenset(D)
     assert idx.blocks_of("w0") == frozenset(A[:3])
-    assert list(idx._lru) == [("w0", A[2]), ("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0])]
+    assert idx.lru_order() == [("w0", A[2]), ("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0])]
     # evicted entries are gone from the tree too (a3, c0, c1 nodes reclaimed)
     assert idx.num_nodes == 5
 
     idx.match(D[:1])  # d0 newest; order among the rest unchanged
     idx.apply("w0", [stored(2, C, 0, 1)])  # (w0, a2) goes
     assert idx.evictions == 4
-    assert list(idx._lru) == [("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0]), ("w0", C[0])]
+    assert idx.lru_order() == [("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0]), ("w0", C[0])]
     # a removal frees room without counting as an eviction
     idx.apply("w1", [removed(3, D[1])])
     assert (idx.evictions, idx.num_blocks) == (4, 4)
