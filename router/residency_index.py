@@ -120,7 +120,7 @@ class ApplyResult:
 
 
 class _WorkerState:
-    __slots__ = ("wid", "mode", "last_seq", "stale_until", "reason", "num_blocks")
+    __slots__ = ("wid", "mode", "last_seq", "stale_until", "reason")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid  # bit position in _bits, low bits of _entries keys
@@ -128,7 +128,6 @@ class _WorkerState:
         self.last_seq = 0  # a new worker's first event is seq 1
         self.stale_until: int | None = None  # after a resync: seq <= this is already applied
         self.reason: str | None = None
-        self.num_blocks = 0
 
 
 class _Batch:
@@ -180,6 +179,7 @@ class ResidencyIndex:
         self._clock = 0
         self._workers: dict[str, _WorkerState] = {}
         self._names: dict[int, str] = {}  # worker id -> name
+        self._counts = np.zeros(64, np.int64)  # [worker id] entries held
         self._removed_since_collect = 0
         self._queue_keys = np.zeros(0, np.uint64)  # eviction candidates, oldest first
         self._queue_stamps = np.zeros(0, np.int64)
@@ -238,12 +238,12 @@ class ResidencyIndex:
     def num_blocks_of(self, worker: str) -> int:
         """How many blocks the index holds for ``worker`` (O(1))."""
         st = self._workers.get(worker)
-        return st.num_blocks if st else 0
+        return int(self._counts[st.wid]) if st else 0
 
     def blocks_of(self, worker: str) -> frozenset[BlockHash]:
         """Every block ``worker`` holds (a scan: for checks and resync, not per request)."""
         st = self._workers.get(worker)
-        if st is None or st.num_blocks == 0:
+        if st is None or self._counts[st.wid] == 0:
             return frozenset()
         keys, nodes = self._node_of.items()
         held = (self._bits[nodes, st.wid >> 6] >> np.uint64(st.wid & 63)) & np.uint64(1)
@@ -314,7 +314,25 @@ class ResidencyIndex:
 
     def apply(self, worker: str, events: Iterable[KVEvent]) -> ApplyResult:
         """Apply one worker's events in order (see the module docstring for gaps)."""
-        st = self._state(worker)
+        return self.apply_many({worker: events})[worker]
+
+    def apply_many(self, events: Mapping[str, Iterable[KVEvent]]) -> dict[str, ApplyResult]:
+        """Apply several workers' drained events in one vectorised pass: the same
+        result as ``apply`` per worker in the mapping's order, at a fraction of the
+        cost per block (the router's event loop drains every worker, then applies)."""
+        results, batches = {}, []
+        for worker, evs in events.items():
+            st = self._state(worker)
+            batch, results[worker] = self._accept(worker, st, evs)
+            if batch.runs and st.mode is WorkerMode.EXACT:
+                batches.append((st, batch))
+        if batches:
+            self._apply_batches(batches)
+        self._enforce_cap()
+        return results
+
+    def _accept(self, worker: str, st: _WorkerState, events: Iterable[KVEvent]) -> tuple[_Batch, ApplyResult]:
+        """Sequence checks, event by event; what passes is collected for one pass."""
         applied = ignored = dropped = 0
         batch = _Batch()
         for ev in events:
@@ -340,10 +358,7 @@ class ResidencyIndex:
                 batch.add(ev)
             st.last_seq = ev.seq
             applied += 1
-        if batch.runs and st.mode is WorkerMode.EXACT:
-            self._apply_batch(st, batch)
-        self._enforce_cap()
-        return ApplyResult(worker, applied, ignored, dropped, st.mode is WorkerMode.RESYNCING, st.reason)
+        return batch, ApplyResult(worker, applied, ignored, dropped, st.mode is WorkerMode.RESYNCING, st.reason)
 
     def invalidate(self, worker: str, reason: str = "invalidated by caller") -> None:
         """Stop trusting ``worker`` until ``resync``: its entries are dropped now."""
@@ -365,9 +380,9 @@ class ResidencyIndex:
             stamps = np.empty(len(hashes), np.int64)
             stamps[order] = self._clock + np.arange(len(hashes))
             self._clock += len(hashes)
-            h = _u64(hashes)
-            uniq, last = _last_occurrence(h)
-            self._add_entries(st, uniq, stamps[last])
+            keys = _entry_keys(self._node_of.get(_u64(hashes)).astype(np.int64), st.wid)
+            uniq, last = _last_occurrence(keys)
+            self._add_keys(uniq, stamps[last])
         self._enforce_cap()
         st.mode, st.reason = WorkerMode.EXACT, None
         st.last_seq = st.stale_until = snapshot.seq
@@ -389,42 +404,57 @@ class ResidencyIndex:
                 raise ValueError(f"a pool holds at most {1 << _WID_BITS} workers")
             if wid >= self._bits.shape[1] * 64:  # one more word of worker bits per node
                 self._bits = np.concatenate([self._bits, np.zeros((len(self._bits), 1), np.uint64)], axis=1)
+            if wid >= len(self._counts):
+                self._counts = np.concatenate([self._counts, np.zeros(len(self._counts), np.int64)])
             st = self._workers[worker] = _WorkerState(wid)
             self._names[wid] = worker
         return st
 
     def _clear_worker(self, st: _WorkerState) -> None:
-        if st.num_blocks == 0:
+        if self._counts[st.wid] == 0:
             return
         word, bit = st.wid >> 6, np.uint64(1) << np.uint64(st.wid & 63)
         nodes = np.flatnonzero(self._bits[: self._hw, word] & bit)
-        self._drop_entries(st, nodes)
+        self._drop_keys(_entry_keys(nodes, st.wid))
 
     # ---- internals: applying a batch ------------------------------------------------
 
-    def _apply_batch(self, st: _WorkerState, b: _Batch) -> None:
-        hashes = _u64(b.hashes)  # [n] every block named, in event order
-        kinds = np.array([k for k, _ in b.runs])
-        lens = np.array([n for _, n in b.runs])
-        is_store = np.repeat(kinds, lens)  # [n] bool
+    def _apply_batches(self, batches: list[tuple[_WorkerState, _Batch]]) -> None:
+        hashes: list[int] = []
+        stored: list[int] = []
+        parents: list[int] = []
+        has_parent: list[bool] = []
+        runs: list[tuple[bool, int]] = []
+        run_wids: list[int] = []
+        for st, b in batches:
+            hashes += b.hashes
+            stored += b.stored
+            parents += b.parents
+            has_parent += b.has_parent
+            runs += b.runs
+            run_wids += [st.wid] * len(b.runs)
+        kinds = np.array([k for k, _ in runs])
+        lens = np.array([n for _, n in runs])
+        is_store = np.repeat(kinds, lens)  # [n] bool, every block named, in event order
+        wids = np.repeat(np.array(run_wids), lens)  # [n]
         # LRU stamps of the stored blocks: each stored event touches its chain tail
         # first, so its head ends up the most recent.
         slens = lens[kinds]
         ends = self._clock + np.cumsum(slens) - 1  # the stamp of each event's head
         offs = np.arange(int(slens.sum())) - np.repeat(np.cumsum(slens) - slens, slens)
-        stamp_of_op = np.full(len(hashes), -1, np.int64)
+        stamp_of_op = np.full(len(is_store), -1, np.int64)
         stamp_of_op[is_store] = np.repeat(ends, slens) - offs
         self._clock += int(slens.sum())
-        if b.stored:
-            self._link(_u64(b.stored), _u64(b.parents), np.array(b.has_parent))
-        # the last event naming a block decides
-        uniq, last = _last_occurrence(hashes)
-        keep = is_store[last]
-        self._add_entries(st, uniq[keep], stamp_of_op[last[keep]])
-        gone = self._node_of.get(uniq[~keep])
-        gone = gone[gone >= 0]
-        word, bit = st.wid >> 6, np.uint64(1) << np.uint64(st.wid & 63)
-        self._drop_entries(st, gone[(self._bits[gone, word] & bit) != 0])
+        if stored:
+            self._link(_u64(stored), _u64(parents), np.array(has_parent))
+        nodes = self._node_of.get(_u64(hashes)).astype(np.int64)  # -1: a removed block never seen
+        known = nodes >= 0
+        keys = _entry_keys(nodes[known], wids[known])
+        # per (block, worker), the last event naming it decides
+        uniq, last = _last_occurrence(keys)
+        keep = is_store[known][last]
+        self._add_keys(uniq[keep], stamp_of_op[known][last[keep]])
+        self._drop_keys(uniq[~keep])
 
     def _link(self, hashes: np.ndarray, parents: np.ndarray, has_parent: np.ndarray) -> None:
         """Nodes for every block and named parent; a node whose parent is unknown
@@ -460,20 +490,27 @@ class ResidencyIndex:
         bits[: len(self._bits)] = self._bits
         self._parent, self._bits = parent, bits
 
-    def _add_entries(self, st: _WorkerState, hashes: np.ndarray, stamps: np.ndarray) -> None:
-        """``st`` holds the unique ``hashes`` (nodes exist), touched at ``stamps``."""
-        nodes = self._node_of.get(hashes).astype(np.int64)
-        self._bits[nodes, st.wid >> 6] |= np.uint64(1) << np.uint64(st.wid & 63)
-        st.num_blocks += self._entries.put(_entry_keys(nodes, st.wid), stamps)
-
-    def _drop_entries(self, st: _WorkerState, nodes: np.ndarray) -> None:
-        """``st`` no longer holds the unique ``nodes`` (which it did hold)."""
-        if not nodes.size:
+    def _add_keys(self, keys: np.ndarray, stamps: np.ndarray) -> None:
+        """Entries (unique keys; nodes exist) held from now on, touched at ``stamps``."""
+        if not keys.size:
             return
-        self._bits[nodes, st.wid >> 6] &= ~(np.uint64(1) << np.uint64(st.wid & 63))
-        self._entries.delete(_entry_keys(nodes, st.wid))
-        st.num_blocks -= len(nodes)
-        self._removed_since_collect += len(nodes)
+        nodes, wids = _split_keys(keys)
+        np.bitwise_or.at(self._bits, (nodes, wids >> 6), np.uint64(1) << (wids & 63).astype(np.uint64))
+        new = self._entries.put(keys, stamps)
+        self._counts += np.bincount(wids[new], minlength=len(self._counts))
+
+    def _drop_keys(self, keys: np.ndarray) -> None:
+        """Entries (unique keys) no longer held; keys not held are skipped."""
+        if not keys.size:
+            return
+        keys = keys[self._entries.find(keys) >= 0]
+        if not keys.size:
+            return
+        nodes, wids = _split_keys(keys)
+        np.bitwise_and.at(self._bits, (nodes, wids >> 6), ~(np.uint64(1) << (wids & 63).astype(np.uint64)))
+        self._entries.delete(keys)
+        self._counts -= np.bincount(wids, minlength=len(self._counts))
+        self._removed_since_collect += len(keys)
         if self._removed_since_collect > max(_MIN_COLLECT, (self._hw - len(self._free)) // 4):
             self._collect()
 
@@ -505,10 +542,7 @@ class ResidencyIndex:
             used = int(valid[-1]) + 1 if len(valid) == excess else chunk
             self._queue_keys, self._queue_stamps = self._queue_keys[used:], self._queue_stamps[used:]
             victims = keys[valid]
-            wids = (victims & np.uint64((1 << _WID_BITS) - 1)).astype(np.int64)
-            nodes = (victims >> np.uint64(_WID_BITS)).astype(np.int64)
-            for wid in np.unique(wids).tolist():
-                self._drop_entries(self._workers[self._names[wid]], nodes[wids == wid])
+            self._drop_keys(victims)
             self.evictions += len(victims)
             excess -= len(victims)
 
@@ -558,6 +592,11 @@ class ResidencyIndex:
 
 def _entry_keys(nodes: np.ndarray, wids) -> np.ndarray:
     return (nodes.astype(np.uint64) << np.uint64(_WID_BITS)) | np.asarray(wids, dtype=np.uint64)
+
+
+def _split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entry keys -> (node ids, worker ids), both int64."""
+    return (keys >> np.uint64(_WID_BITS)).astype(np.int64), (keys & np.uint64((1 << _WID_BITS) - 1)).astype(np.int64)
 
 
 def _last_occurrence(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import numpy as np
 EMPTY = -1
 TOMB = -2
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SCALAR_TAIL = 16  # keys left when find switches from vectorised rounds to a plain loop
 
 
 class U64Table:
@@ -64,7 +65,7 @@ class U64Table:
             return out
         pos = self._home(keys)
         todo = np.arange(n)
-        while todo.size:
+        while todo.size > _SCALAR_TAIL:
             p = pos[todo]
             v = self.vals[p]
             hit = (v >= 0) & (self.keys[p] == keys[todo])
@@ -72,6 +73,19 @@ class U64Table:
             go_on = ~hit & (v != EMPTY)
             todo = todo[go_on]
             pos[todo] = (p[go_on] + 1) & self._mask
+        # The last few keys may sit at the end of long probe runs: one vectorised
+        # round each costs more than walking them one by one.
+        vals, tkeys, mask = self.vals, self.keys, self._mask
+        for i in todo.tolist():
+            p, k = int(pos[i]), keys[i]
+            while True:
+                v = vals[p]
+                if v == EMPTY:
+                    break
+                if v >= 0 and tkeys[p] == k:
+                    out[i] = p
+                    break
+                p = (p + 1) & mask
         return out
 
     def get(self, keys: np.ndarray) -> np.ndarray:
@@ -89,11 +103,11 @@ class U64Table:
 
     # ---- updates ----------------------------------------------------------------------
 
-    def put(self, keys: np.ndarray, values: np.ndarray) -> int:
-        """Insert or overwrite; ``keys`` must be unique within the batch. Returns how
-        many keys were new."""
+    def put(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Insert or overwrite; ``keys`` must be unique within the batch. Returns
+        which keys were new ([n] bool)."""
         if len(keys) == 0:
-            return 0
+            return np.zeros(0, bool)
         slots = self.find(keys)
         old = slots >= 0
         self.vals[slots[old]] = values[old]
@@ -101,7 +115,7 @@ class U64Table:
         if len(new_keys):
             self._reserve(len(new_keys))
             self._insert_absent(new_keys, new_vals)
-        return len(new_keys)
+        return ~old
 
     def set_at(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Overwrite values at slots returned by ``find`` (all >= 0)."""
