@@ -505,18 +505,16 @@ def test_memory_per_entry_measured_with_tracemalloc():
 
     rng = random.Random(1)
     system = [rng.getrandbits(64) for _ in range(16)]
+    poll = {  # every worker: the shared system prompt, then 20 conversations of 32 blocks
+        f"w{w}": [BlockStored(1, tuple(system), None)]
+        + [BlockStored(2 + i, tuple(rng.getrandbits(64) for _ in range(32)), system[-1]) for i in range(20)]
+        for w in range(128)
+    }
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     idx = ResidencyIndex()
-    for w in range(128):
-        evs, seq = [], 0
-        for _ in range(20):
-            seq += 1
-            chain = [rng.getrandbits(64) for _ in range(32)]
-            evs.append(BlockStored(seq, tuple(chain), system[-1]))
-        idx.apply_many({f"w{w}": [BlockStored(0 + 1, tuple(system), None)] + [
-            BlockStored(e.seq + 1, e.block_hashes, e.parent_hash) for e in evs]})
+    idx.apply_many(poll)
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     assert idx.num_blocks == 128 * (16 + 20 * 32)
