@@ -86,6 +86,15 @@ class MetricsSection(_Strict):
     worker_port: int = Field(0, ge=0, le=65535)
 
 
+class KVAwareWeights(_Strict):
+    """Weights of the kv_aware cost (router/placement.py), each in prefill tokens."""
+
+    queue_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per token already queued on P
+    running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
+    kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
+    transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D
+
+
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -95,6 +104,7 @@ class RouterSection(_Strict):
     max_inflight: int = Field(256, ge=1)  # beyond this, 429 with Retry-After
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
+    kv_aware: KVAwareWeights = KVAwareWeights()
 
 
 class ClusterConfig(_Strict):

@@ -269,6 +269,18 @@ class ResidencyIndex:
             self._touch_matches(nodes, counts)
         return MatchResult(counts, len(block_hashes))
 
+    def touch(self, worker: str, block_hashes: Sequence[BlockHash], num_blocks: int) -> None:
+        """Mark ``worker``'s entries for the first ``num_blocks`` blocks of the chain
+        most recently used (tail first), as ``match`` does for every matching worker:
+        the router touches only the worker it chose (cheaper at 128 workers)."""
+        st = self._workers.get(worker)
+        if st is None or num_blocks <= 0 or st.mode is not WorkerMode.EXACT:
+            return
+        nodes = self._node_of.get(_u64(block_hashes[:num_blocks]))
+        if (nodes < 0).any():
+            raise ValueError(f"{worker} cannot hold {num_blocks} blocks of a chain the index does not know")
+        self._touch_matches(nodes, {worker: num_blocks})
+
     # ---- introspection (scans; for tests and debugging) ---------------------------------
 
     def parent_of(self, block_hash: BlockHash) -> BlockHash | str | None:
