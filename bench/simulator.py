@@ -105,6 +105,7 @@ class _Cache:
         self.pinned: dict[int, int] = {}  # decode side: blocks of running requests
         self.events: list[KVEvent] = []
         self.seq = 0
+        self.evicted = 0
 
     def leading(self, hashes: list[int]) -> int:
         n = 0
@@ -130,6 +131,7 @@ class _Cache:
             gone = list(islice((h for h in self.lru if h not in self.pinned), over))
             for h in gone:
                 del self.lru[h]
+            self.evicted += len(gone)
             if gone:
                 self.seq += 1
                 self.events.append(BlockRemoved(self.seq, tuple(gone)))
