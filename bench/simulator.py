@@ -232,7 +232,7 @@ class Chat:
     is the system prompt and the whole history; the next turn arrives a think time
     (exponential) after the previous answer's last token."""
 
-    conversations_per_worker: int = 40
+    conversations_per_worker: int = 12
     system_prompts: int = 16
     system_tokens: tuple[int, int] = (512, 4096)
     user_tokens: tuple[int, int] = (50, 400)
@@ -484,22 +484,25 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--workloads", nargs="+", default=["mooncake", "chat"])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
-    ap.add_argument("--load", type=float, default=0.7)
+    ap.add_argument("--load", type=float, default=0.5, help="offered prompt tokens / the pool's no-cache prefill capacity")
     ap.add_argument("--limit", type=int, default=None, help="first N trace requests")
     ap.add_argument("--replicas-at", type=int, default=32, help="also run kv_aware with 2 replicas at this size")
     ap.add_argument("--index-scale", action="store_true", help="also measure the index at 128 workers x 8192 blocks")
+    ap.add_argument("--kv-aware", nargs="*", default=[], metavar="WEIGHT=VALUE",
+                    help="kv_aware weights (router.kv_aware), e.g. queue_weight=0.5")
     ap.add_argument("--out", default="bench/results/simulator")
     a = ap.parse_args()
+    opts = {k: float(v) for k, v in (kv.split("=", 1) for kv in a.kv_aware)}
     results = []
     for wl in a.workloads:
         for n in a.workers:
             for pol in a.policies:
-                results.append(simulate(wl, pol, n, load=a.load, limit=a.limit))
+                results.append(simulate(wl, pol, n, load=a.load, limit=a.limit, policy_options=opts))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
             if n == a.replicas_at and "kv_aware" in a.policies:
-                results.append(simulate(wl, "kv_aware", n, load=a.load, limit=a.limit, replicas=2))
+                results.append(simulate(wl, "kv_aware", n, load=a.load, limit=a.limit, replicas=2, policy_options=opts))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
-    out = {"timing": asdict(TimingModel()), "chat": asdict(Chat()), "load": a.load, "limit": a.limit,
+    out = {"timing": asdict(TimingModel()), "chat": asdict(Chat()), "load": a.load, "limit": a.limit, "kv_aware": opts,
            "results": [asdict(r) for r in results]}
     if a.index_scale:
         from bench.index_scale import measure

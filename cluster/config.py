@@ -89,7 +89,7 @@ class MetricsSection(_Strict):
 class KVAwareWeights(_Strict):
     """Weights of the kv_aware cost (router/placement.py), each in prefill tokens."""
 
-    queue_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per token already queued on P
+    queue_weight: float = Field(0.2, ge=0, allow_inf_nan=False)  # per token already queued on P
     running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
     kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
     transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D

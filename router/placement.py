@@ -239,7 +239,11 @@ class KVAwarePolicy(PlacementPolicy):
     module docstring). Weights, all finite and >= 0:
 
     queue_weight: how much one token already queued on a prefill worker counts against
-        one token of this prompt to compute (1: both delay the first token equally).
+        one token of this prompt to compute. At 1 both count alike (they delay this
+        first token equally); but a token computed again is work added to the pool
+        for good, while a queue drains, so the default is 0.2 (the scale simulator at
+        32 workers on the Mooncake trace: 1.0 -> 57% of the one-cache ceiling's hits,
+        0.5 -> 72%, 0.2 -> 81%, 0.1 -> 84% at TTFT p90 2.27, 2.18, 2.27, 2.56 s).
     running_weight: prefill-token equivalent of one more sequence on a decode worker.
     kv_usage_weight: prefill-token equivalent of going from an empty to a full KV pool.
     transfer_weight: prefill-token equivalent of shipping one MiB to the decode worker.
@@ -247,7 +251,7 @@ class KVAwarePolicy(PlacementPolicy):
 
     name = "kv_aware"
 
-    def __init__(self, queue_weight: float = 1.0, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
+    def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
                  transfer_weight: float = 1.0) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
                      ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight)):

@@ -37,7 +37,7 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
 
 # ---- kv_aware: prefill -------------------------------------------------------------
 
-# prefill(P) = uncached tokens + queue_weight (1) * queued tokens; prompt 160 = 10 blocks
+# prefill(P) = uncached tokens + queue_weight (0.2) * queued tokens; prompt 160 = 10 blocks
 
 
 @pytest.mark.parametrize(
@@ -49,21 +49,21 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
             req(160, {"p0": 2}),
             [W("p0", queued=200), W("p1")],
             "p1",
-            {"p0": 128 + 200, "p1": 160},
+            {"p0": 128 + 40, "p1": 160},
         ),
         (
             "a long prefix is worth waiting behind less work than it saves",
             req(2000, {"p0": 100}),
             [W("p0", queued=1000), W("p1", queued=100)],
             "p0",
-            {"p0": 400 + 1000, "p1": 2000 + 100},
+            {"p0": 400 + 200, "p1": 2000 + 20},
         ),
         (
             "but not behind more",
             req(2000, {"p0": 100}),
-            [W("p0", queued=1700), W("p1")],
+            [W("p0", queued=9000), W("p1")],
             "p1",
-            {"p0": 400 + 1700, "p1": 2000},
+            {"p0": 400 + 1800, "p1": 2000},
         ),
         (
             "requests are not work: running and waiting counts do not weigh on prefill",
@@ -84,7 +84,7 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
             req(160, {"p0": 10}),
             [W("p0", up=False), W("p1", queued=50)],
             "p1",
-            {"p1": 160 + 50},
+            {"p1": 160 + 10},
         ),
     ],
 )
@@ -95,10 +95,12 @@ def test_kv_aware_prefill(case, request_, prefill, expected, costs):
 
 
 def test_queue_weight_is_configurable():
-    r, pool = req(2000, {"p0": 100}), [W("p0", queued=1700), W("p1")]
+    r, pool = req(2000, {"p0": 100}), [W("p0", queued=9000), W("p1")]
     assert make_policy("kv_aware").choose(r, pool, DEC).prefill == "p1"
     got = make_policy("kv_aware", queue_weight=0.1).choose(r, pool, DEC)
-    assert got.prefill == "p0" and got.costs["p0"] == pytest.approx(400 + 170)
+    assert got.prefill == "p0" and got.costs["p0"] == pytest.approx(400 + 900)
+    # at 1, a queued token weighs as much as one to compute: 1700 queued outweigh 1600 saved
+    assert make_policy("kv_aware", queue_weight=1.0).choose(r, [W("p0", queued=1700), W("p1")], DEC).prefill == "p1"
 
 
 # ---- kv_aware: decode --------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_kv_aware_colocated_uses_the_colocated_match():
     r = req(160, prefill={"c0": 10}, decode={"c1": 10}, block_bytes=MiB)
     got = make_policy("kv_aware").choose(r, [], [W("c0", queued=20), W("c1")])
     assert got.prefill is None and got.decode == "c1"
-    assert got.costs == pytest.approx({"c0": 160 + 20 + 512 * 0.1, "c1": 0})
+    assert got.costs == pytest.approx({"c0": 160 + 4 + 512 * 0.1, "c1": 0})
     assert got.parts["prefill_uncached_tokens"] == 0 and got.parts["decode_ship_mib"] == 0
 
 
@@ -225,8 +227,8 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
     make_policy("kv_aware").choose(req(160, {"p0": 8}), [W("p0", queued=7), W("p1")],
                                    [W("d0", free=90, total=100)])
     text = caplog.text
-    assert "prefill p0: cost 39.0 = uncached 32 + 1 x queued 7 tok" in text
-    assert "prefill p1: cost 160.0 = uncached 160 + 1 x queued 0 tok" in text
+    assert "prefill p0: cost 33.4 = uncached 32 + 0.2 x queued 7 tok" in text
+    assert "prefill p1: cost 160.0 = uncached 160 + 0.2 x queued 0 tok" in text
     assert "decode d0: cost 102.4" in text and "512 x kv usage 0.20" in text
 
 
@@ -356,8 +358,9 @@ def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
     pool = [W("p0"), W("p1")]
     chosen = [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(4)]
     assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
-    # a shared 1-block header is worth 16 tokens: 16 queued tokens elsewhere undo it
-    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=17), W("p1")], [W("d0")]).prefill == "p1"
+    # a shared 1-block header saves 16 tokens: 81 queued tokens (x 0.2) undo it
+    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=81), W("p1")], [W("d0")]).prefill == "p1"
+    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=79), W("p1")], [W("d0")]).prefill == "p0"
     # a real prefix wins, every time
     assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}
 
@@ -371,9 +374,10 @@ def test_kv_aware_weights_come_from_the_config():
     from cluster.config import ClusterConfig, ConfigError
     from router.service import policy_options
 
-    cfg = ClusterConfig.build({"router": {"kv_aware": {"queue_weight": 0.25, "transfer_weight": 4}}})
+    cfg = ClusterConfig.build({"router": {"kv_aware": {"queue_weight": 0.5, "transfer_weight": 4}}})
     policy = make_policy(cfg.router.policy, **policy_options(cfg))
-    assert (policy.queue_weight, policy.running_weight, policy.kv_usage_weight, policy.transfer_weight) == (0.25, 16, 512, 4)
+    assert (policy.queue_weight, policy.running_weight, policy.kv_usage_weight, policy.transfer_weight) == (0.5, 16, 512, 4)
+    assert make_policy("kv_aware").queue_weight == ClusterConfig.build({}).router.kv_aware.queue_weight
     rr = ClusterConfig.build({"router": {"policy": "round_robin", "kv_aware": {"queue_weight": 3}}})
     assert make_policy(rr.router.policy, **policy_options(rr)).name == "round_robin"
     for bad in ({"queue_weight": -1}, {"transfer_weight": float("inf")}, {"latency_weight": 1}):
