@@ -479,6 +479,20 @@ def plot(results: list[SimResult], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str], out: str) -> None:
+    """One report from several runs (e.g. one process per workload)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {k: v for k, v in runs[0].items() if k != "results"}
+    merged["runs"] = [{k: v for k, v in r.items() if k not in ("results", "index_scale")} | {"file": p}
+                      for p, r in zip(paths, runs)]
+    merged["results"] = [x for r in runs for x in r["results"]]
+    merged["index_scale"] = [x for r in runs for x in r.get("index_scale", [])]
+    results = [SimResult(**x) for x in merged["results"]]
+    Path(out + ".json").write_text(json.dumps(merged, indent=1))
+    Path(out + ".table.md").write_text(table(results) + "\n")
+    plot(results, Path(out + ".png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[8, 32, 128])
@@ -490,26 +504,32 @@ def main() -> None:
     ap.add_argument("--index-scale", action="store_true", help="also measure the index at 128 workers x 8192 blocks")
     ap.add_argument("--kv-aware", nargs="*", default=[], metavar="WEIGHT=VALUE",
                     help="kv_aware weights (router.kv_aware), e.g. queue_weight=0.5")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier runs' json files into --out")
     ap.add_argument("--out", default="bench/results/simulator")
     a = ap.parse_args()
     opts = {k: float(v) for k, v in (kv.split("=", 1) for kv in a.kv_aware)}
+    if a.merge:
+        merge(a.merge, a.out)
+        return
     results = []
+    out = {"timing": asdict(TimingModel()), "chat": asdict(Chat()), "load": a.load, "limit": a.limit, "kv_aware": opts,
+           "results": []}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for wl in a.workloads:
         for n in a.workers:
-            for pol in a.policies:
-                results.append(simulate(wl, pol, n, load=a.load, limit=a.limit, policy_options=opts))
-                print(table(results[-1:]).splitlines()[-1], flush=True)
+            runs = [(pol, 1) for pol in a.policies]
             if n == a.replicas_at and "kv_aware" in a.policies:
-                results.append(simulate(wl, "kv_aware", n, load=a.load, limit=a.limit, replicas=2, policy_options=opts))
+                runs.append(("kv_aware", 2))
+            for pol, replicas in runs:
+                results.append(simulate(wl, pol, n, load=a.load, limit=a.limit, replicas=replicas, policy_options=opts))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
-    out = {"timing": asdict(TimingModel()), "chat": asdict(Chat()), "load": a.load, "limit": a.limit, "kv_aware": opts,
-           "results": [asdict(r) for r in results]}
+                out["results"] = [asdict(r) for r in results]
+                Path(a.out + ".json").write_text(json.dumps(out, indent=1))  # after every run: partial results survive
     if a.index_scale:
         from bench.index_scale import measure
 
         out["index_scale"] = [asdict(measure("compact", 128, 8192))]
         print(out["index_scale"], flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(out, indent=1))
     Path(a.out + ".table.md").write_text(table(results) + "\n")
     plot(results, Path(a.out + ".png"))
