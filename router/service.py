@@ -120,6 +120,7 @@ class RouterService:
         or a restart). Never blocks on a dead worker beyond a short deadline."""
         for role, states in self.cluster.worker_states().items():
             index = self.indexes[role]
+            drained, handles = {}, {}
             for w in states:
                 name = w.handle.name
                 if not w.up or w.health is None:
@@ -128,12 +129,18 @@ class RouterService:
                     index.invalidate(name, "worker restarted")
                 self._started_at[name] = w.health.started_at
                 try:
-                    events = await w.handle.call("kv_events", timeout_s=2.0)
-                    index.apply(name, events)
-                    if name in index.needs_resync():
-                        index.resync(name, await w.handle.call("kv_snapshot", timeout_s=5.0))
+                    drained[name] = await w.handle.call("kv_events", timeout_s=2.0)
+                    handles[name] = w.handle
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
+            index.apply_many(drained)  # one vectorised pass over the whole pool's events
+            for name in index.needs_resync():
+                if name not in handles:
+                    continue
+                try:
+                    index.resync(name, await handles[name].call("kv_snapshot", timeout_s=5.0))
+                except Exception as e:
+                    log.debug("snapshot of %s: %s", name, e)
 
     async def _event_loop(self) -> None:
         while True:
