@@ -131,31 +131,33 @@ class _WorkerState:
 
 
 class _Batch:
-    """One worker's accepted events, flattened: every block named, in event order."""
+    """One worker's accepted events, flattened: every block named, in event order.
+    Per stored event only its first block's parent is kept: the others' parents are
+    the blocks before them in the same chain."""
 
-    __slots__ = ("hashes", "runs", "stored", "parents", "has_parent")
+    __slots__ = ("hashes", "runs", "first_parents", "has_parent")
 
     def __init__(self) -> None:
         self.hashes: list[int] = []  # every stored or removed block, in order
         self.runs: list[tuple[bool, int]] = []  # (is_store, length) per event
-        self.stored: list[int] = []  # the stored blocks alone, in order
-        self.parents: list[int] = []  # the parent hash of each stored block
-        self.has_parent: list[bool] = []  # False: the chain starts at the root
+        self.first_parents: list[int] = []  # per stored event: its first block's parent (0: root)
+        self.has_parent: list[bool] = []  # per stored event: False when the chain starts at the root
 
-    def add(self, ev: KVEvent) -> None:
+    def add(self, ev: BlockStored | BlockRemoved) -> None:
         hs = ev.block_hashes
         if not hs:
             return
         self.hashes.extend(hs)
-        if isinstance(ev, BlockStored):
+        if type(ev) is BlockStored:
             self.runs.append((True, len(hs)))
-            self.stored.extend(hs)
-            self.parents.append(0 if ev.parent_hash is None else ev.parent_hash)
-            self.parents.extend(hs[:-1])
-            self.has_parent.append(ev.parent_hash is not None)
-            self.has_parent.extend([True] * (len(hs) - 1))
+            p = ev.parent_hash
+            self.first_parents.append(0 if p is None else p)
+            self.has_parent.append(p is not None)
         else:
             self.runs.append((False, len(hs)))
+
+
+_EVENT_TYPES = (BlockStored, BlockRemoved, AllBlocksCleared)
 
 
 def _u64(hashes: Sequence[int]) -> np.ndarray:
@@ -348,7 +350,7 @@ class ResidencyIndex:
         applied = ignored = dropped = 0
         batch = _Batch()
         for ev in events:
-            if not isinstance(ev, (BlockStored, BlockRemoved, AllBlocksCleared)):
+            if type(ev) not in _EVENT_TYPES and not isinstance(ev, _EVENT_TYPES):
                 raise TypeError(f"not a KV event: {ev!r}")
             if st.mode is WorkerMode.RESYNCING:
                 dropped += 1
@@ -363,7 +365,7 @@ class ResidencyIndex:
                 dropped += 1
                 continue
             st.stale_until = None
-            if isinstance(ev, AllBlocksCleared):
+            if type(ev) is AllBlocksCleared:
                 batch = _Batch()  # what the batch stored so far is cleared too
                 self._clear_worker(st)
             else:
@@ -433,15 +435,13 @@ class ResidencyIndex:
 
     def _apply_batches(self, batches: list[tuple[_WorkerState, _Batch]]) -> None:
         hashes: list[int] = []
-        stored: list[int] = []
-        parents: list[int] = []
+        first_parents: list[int] = []
         has_parent: list[bool] = []
         runs: list[tuple[bool, int]] = []
         run_wids: list[int] = []
         for st, b in batches:
             hashes += b.hashes
-            stored += b.stored
-            parents += b.parents
+            first_parents += b.first_parents
             has_parent += b.has_parent
             runs += b.runs
             run_wids += [st.wid] * len(b.runs)
@@ -451,15 +451,27 @@ class ResidencyIndex:
         wids = np.repeat(np.array(run_wids), lens)  # [n]
         # LRU stamps of the stored blocks: each stored event touches its chain tail
         # first, so its head ends up the most recent.
-        slens = lens[kinds]
+        slens = lens[kinds]  # [stored events]
+        starts = np.cumsum(slens) - slens  # each stored event's first block, among the stored blocks
         ends = self._clock + np.cumsum(slens) - 1  # the stamp of each event's head
-        offs = np.arange(int(slens.sum())) - np.repeat(np.cumsum(slens) - slens, slens)
+        offs = np.arange(int(slens.sum())) - np.repeat(starts, slens)
         stamp_of_op = np.full(len(is_store), -1, np.int64)
         stamp_of_op[is_store] = np.repeat(ends, slens) - offs
         self._clock += int(slens.sum())
-        if stored:
-            self._link(_u64(stored), _u64(parents), np.array(has_parent))
-        nodes = self._node_of.get(_u64(hashes)).astype(np.int64)  # -1: a removed block never seen
+        n = len(is_store)
+        fhp = np.array(has_parent, bool)
+        # one probe of the node table per distinct block named (blocks and parents)
+        ids = self._node_ids(np.concatenate([_u64(hashes), _u64(first_parents)[fhp]]),
+                             np.concatenate([is_store, np.ones(int(fhp.sum()), bool)]))
+        nodes = ids[:n]  # -1: a removed block the index never saw
+        if slens.size:
+            child = nodes[is_store]
+            parent = np.empty(len(child), np.int64)
+            parent[1:] = child[:-1]  # within a chain: the block before
+            first = np.full(len(slens), ROOT, np.int64)
+            first[fhp] = ids[n:]
+            parent[starts] = first
+            self._learn_parents(child, parent)
         known = nodes >= 0
         keys = _entry_keys(nodes[known], wids[known])
         # per (block, worker), the last event naming it decides
@@ -468,31 +480,44 @@ class ResidencyIndex:
         self._add_keys(uniq[keep], stamp_of_op[known][last[keep]])
         self._drop_keys(uniq[~keep])
 
-    def _link(self, hashes: np.ndarray, parents: np.ndarray, has_parent: np.ndarray) -> None:
-        """Nodes for every block and named parent; a node whose parent is unknown
-        learns it (chained hashes: every event agrees on a block's parent)."""
-        self._ensure_nodes(np.unique(np.concatenate([hashes, parents[has_parent]])))
-        child = self._node_of.get(hashes)
-        parent = np.full(len(hashes), ROOT, np.int32)
-        parent[has_parent] = self._node_of.get(parents[has_parent])
+    def _node_ids(self, keys: np.ndarray, create: np.ndarray) -> np.ndarray:
+        """Node id of each key ([k] uint64, repeats allowed), -1 where absent; absent
+        keys flagged in ``create`` get new nodes (placeholders: parent UNKNOWN)."""
+        uniq, inv = np.unique(keys, return_inverse=True)
+        ids = self._node_of.get(uniq).astype(np.int64)
+        need = np.zeros(len(uniq), bool)
+        need[inv[create]] = True
+        new = need & (ids < 0)
+        if new.any():
+            ids[new] = self._new_nodes(uniq[new])
+        return ids[inv]
+
+    def _learn_parents(self, child: np.ndarray, parent: np.ndarray) -> None:
+        """A node whose parent is unknown learns it (chained hashes: every event
+        agrees on a block's parent)."""
         learn = self._parent[child] == UNKNOWN
         self._parent[child[learn]] = parent[learn]
 
-    def _ensure_nodes(self, keys: np.ndarray) -> None:
-        """Nodes (placeholders: parent UNKNOWN, nobody holding) for the unique ``keys``
-        not in the index yet."""
-        new = keys[self._node_of.get(keys) < 0]
-        if not new.size:
-            return
-        reuse = self._free[: len(new)]
+    def _link(self, hashes: np.ndarray, parents: np.ndarray, has_parent: np.ndarray) -> None:
+        """Nodes for every block and named parent, parents learned."""
+        ids = self._node_ids(np.concatenate([hashes, parents[has_parent]]), np.ones(len(hashes) + int(has_parent.sum()), bool))
+        parent = np.full(len(hashes), ROOT, np.int64)
+        parent[has_parent] = ids[len(hashes):]
+        self._learn_parents(ids[: len(hashes)], parent)
+
+    def _new_nodes(self, keys: np.ndarray) -> np.ndarray:
+        """New placeholder nodes (parent UNKNOWN, nobody holding) for unique keys not
+        in the index; their ids."""
+        reuse = self._free[: len(keys)]
         self._free = self._free[len(reuse):]
-        fresh = np.arange(self._hw, self._hw + len(new) - len(reuse))
+        fresh = np.arange(self._hw, self._hw + len(keys) - len(reuse))
         self._hw += len(fresh)
         if self._hw > len(self._parent):
             self._grow_nodes(self._hw)
         ids = np.concatenate([reuse, fresh])
         self._parent[ids] = UNKNOWN
-        self._node_of.put(new, ids.astype(np.int32))
+        self._node_of.put(keys, ids.astype(np.int32))
+        return ids
 
     def _grow_nodes(self, need: int) -> None:
         cap = max(need, len(self._parent) * 3 // 2)
@@ -515,12 +540,13 @@ class ResidencyIndex:
         """Entries (unique keys) no longer held; keys not held are skipped."""
         if not keys.size:
             return
-        keys = keys[self._entries.find(keys) >= 0]
+        slots = self._entries.find(keys)
+        keys, slots = keys[slots >= 0], slots[slots >= 0]
         if not keys.size:
             return
         nodes, wids = _split_keys(keys)
         np.bitwise_and.at(self._bits, (nodes, wids >> 6), ~(np.uint64(1) << (wids & 63).astype(np.uint64)))
-        self._entries.delete(keys)
+        self._entries.delete_slots(slots)
         self._counts -= np.bincount(wids, minlength=len(self._counts))
         self._removed_since_collect += len(keys)
         if self._removed_since_collect > max(_MIN_COLLECT, (self._hw - len(self._free)) // 4):

@@ -124,7 +124,10 @@ class U64Table:
     def delete(self, keys: np.ndarray) -> int:
         """Remove the keys present (unique within the batch); returns how many were."""
         slots = self.find(keys)
-        slots = slots[slots >= 0]
+        return self.delete_slots(slots[slots >= 0])
+
+    def delete_slots(self, slots: np.ndarray) -> int:
+        """Remove the keys at slots returned by ``find`` (unique, all >= 0)."""
         self.vals[slots] = TOMB
         self.size -= len(slots)
         self._tombs += len(slots)
@@ -148,17 +151,21 @@ class U64Table:
         todo = np.arange(len(keys))
         while todo.size:
             p = pos[todo]
-            free = self.vals[p] < 0
+            v = self.vals[p]
+            free = v < 0
             cand, cand_p = todo[free], p[free]
-            # one winner per slot: the first candidate naming it
-            _, first = np.unique(cand_p, return_index=True)
-            won = cand[first]
-            wp = cand_p[first]
-            self._tombs -= int(np.count_nonzero(self.vals[wp] == TOMB))
+            self._tombs -= int(np.count_nonzero(v[free] == TOMB))  # counted once per slot below
+            # One winner per slot, without sorting: every candidate writes its mark
+            # (-3 - index) into its slot, one of them stays; that one takes the slot.
+            self.vals[cand_p] = -3 - cand
+            won_mask = self.vals[cand_p] == -3 - cand
+            won, wp = cand[won_mask], cand_p[won_mask]
+            # a slot claimed by several candidates was counted once per candidate
+            self._tombs += int(np.count_nonzero(v[free][~won_mask] == TOMB))
             self.keys[wp] = keys[won]
             self.vals[wp] = values[won]
             lost = np.ones(len(todo), bool)
-            lost[np.flatnonzero(free)[first]] = False
+            lost[np.flatnonzero(free)[won_mask]] = False
             todo = todo[lost]
             pos[todo] = (pos[todo] + 1) & self._mask
         self.size += len(keys)
