@@ -320,14 +320,18 @@ class KVAwarePolicy(PlacementPolicy):
 
     def _cheapest(self, request: PlacementRequest, workers: list[WorkerSnapshot], costs: dict[str, float], pool: str) -> str:
         turn = self._ties[pool] = self._ties.get(pool, 0) + 1
-        n = len(workers)
         total = self._totals(request, pool)
-        best_key, best = None, None
-        for i, w in enumerate(sorted(workers, key=lambda w: w.name)):
+        lowest, tied = math.inf, []
+        for w in workers:
             c = costs[w.name] = total(w)
-            key = (c, (i - turn) % n)  # exact ties rotate over the workers, so cold prompts spread
-            if best_key is None or key < best_key:
-                best_key, best = key, w
+            if c < lowest:
+                lowest, tied = c, [w]
+            elif c == lowest:
+                tied.append(w)
+        # exact ties (identical cold prompts on an idle pool) rotate over the tied
+        # workers in name order, so new prefixes spread over the pool
+        tied.sort(key=lambda w: w.name)
+        best = tied[turn % len(tied)]
         if log.isEnabledFor(logging.DEBUG):
             for w in workers:
                 p = self._parts(request, pool, w)
@@ -342,7 +346,8 @@ class KVAwarePolicy(PlacementPolicy):
         return self._cheapest(request, workers, costs, "prefill")
 
     def _pick_decode(self, request, workers, costs, pool):
-        roomy = [w for w in workers if w.free_blocks >= request.missing_blocks(request.decode_match, w.name)]
+        nb, dm = request.num_prompt_blocks, request.decode_match
+        roomy = [w for w in workers if w.free_blocks >= nb - dm.get(w.name, 0)]
         if not roomy:
             best = min(workers, key=lambda w: (-w.free_blocks, w.load, w.name))
             log.debug("%s: no worker has room for %d blocks; taking %s (most free: %d)",

@@ -182,6 +182,7 @@ class ResidencyIndex:
         self._workers: dict[str, _WorkerState] = {}
         self._names: dict[int, str] = {}  # worker id -> name
         self._counts = np.zeros(64, np.int64)  # [worker id] entries held
+        self._exact: list[tuple[str, int]] | None = None  # cache of _exact_workers()
         self._removed_since_collect = 0
         self._queue_keys = np.zeros(0, np.uint64)  # eviction candidates, oldest first
         self._queue_stamps = np.zeros(0, np.int64)
@@ -255,7 +256,7 @@ class ResidencyIndex:
         """Leading blocks of ``block_hashes`` held by each exact worker. ``touch`` marks
         the matched entries most recently used (LRU order only; what is resident never
         changes); pass ``touch=False`` for a pure query."""
-        exact = sorted(w for w, st in self._workers.items() if st.mode is WorkerMode.EXACT)
+        exact = self._exact_workers()
         if not exact:
             return MatchResult({}, len(block_hashes))
         nodes = self._node_of.get(_u64(block_hashes))  # [n] int32, -1: unknown hash
@@ -263,10 +264,10 @@ class ResidencyIndex:
         nodes = nodes[: missing[0] if missing.size else len(nodes)]
         if nodes.size:
             held = np.bitwise_and.accumulate(self._bits[nodes], axis=0)  # [n, words]
-            per_wid = np.unpackbits(held.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
-            counts = {w: int(per_wid[self._workers[w].wid]) for w in exact}
+            per_wid = np.unpackbits(held.view(np.uint8), axis=1, bitorder="little").sum(axis=0).tolist()
+            counts = {w: per_wid[wid] for w, wid in exact}
         else:
-            counts = dict.fromkeys(exact, 0)
+            counts = {w: 0 for w, _ in exact}
         if touch and nodes.size:
             self._touch_matches(nodes, counts)
         return MatchResult(counts, len(block_hashes))
@@ -282,6 +283,12 @@ class ResidencyIndex:
         if (nodes < 0).any():
             raise ValueError(f"{worker} cannot hold {num_blocks} blocks of a chain the index does not know")
         self._touch_matches(nodes, {worker: num_blocks})
+
+    def _exact_workers(self) -> list[tuple[str, int]]:
+        """(name, worker id) of the exact workers, by name; rebuilt after a change."""
+        if self._exact is None:
+            self._exact = [(w, st.wid) for w, st in sorted(self._workers.items()) if st.mode is WorkerMode.EXACT]
+        return self._exact
 
     # ---- introspection (scans; for tests and debugging) ---------------------------------
 
@@ -379,6 +386,7 @@ class ResidencyIndex:
         st = self._state(worker)
         self._clear_worker(st)
         st.mode, st.reason, st.stale_until = WorkerMode.RESYNCING, reason, None
+        self._exact = None
 
     def resync(self, worker: str, snapshot: KVSnapshot) -> None:
         """Replace everything known about ``worker`` with its snapshot."""
@@ -400,6 +408,7 @@ class ResidencyIndex:
         self._enforce_cap()
         st.mode, st.reason = WorkerMode.EXACT, None
         st.last_seq = st.stale_until = snapshot.seq
+        self._exact = None
 
     def remove_worker(self, worker: str) -> None:
         """Forget ``worker`` entirely (scaled down or replaced)."""
@@ -407,6 +416,7 @@ class ResidencyIndex:
         if st is not None:
             self._clear_worker(st)
             del self._names[st.wid]
+            self._exact = None
 
     # ---- internals: workers ---------------------------------------------------------
 
@@ -422,6 +432,7 @@ class ResidencyIndex:
                 self._counts = np.concatenate([self._counts, np.zeros(len(self._counts), np.int64)])
             st = self._workers[worker] = _WorkerState(wid)
             self._names[wid] = worker
+            self._exact = None
         return st
 
     def _clear_worker(self, st: _WorkerState) -> None:
