@@ -172,7 +172,7 @@ class ResidencyIndex:
             raise ValueError(f"max_blocks must be positive, got {max_blocks}")
         self.max_blocks = max_blocks
         self.evictions = 0
-        self._node_of = U64Table(np.int32, max_load=0.5)  # short probes: a prompt's unknown tail misses
+        self._node_of = U64Table(np.int32, max_load=0.6)  # short probes: a prompt's unknown tail misses
         self._parent = np.full(1024, FREE, np.int32)  # [node capacity]
         self._bits = np.zeros((1024, 1), np.uint64)  # [node capacity, words]
         self._hw = 0  # node ids in use are < _hw
