@@ -22,7 +22,7 @@ parent while a child is still referenced).
 
 Layout. A 128-worker cluster holds millions of (worker, block) entries and reports
 thousands of blocks per second per worker, so the tree lives in flat numpy arrays, not
-Python objects (about 100 bytes per entry instead of about 640)::
+Python objects (about 75 bytes per entry at 1M entries instead of about 580)::
 
     _node_of   U64Table   block hash -> node id                        (router/u64_table.py)
     _parent    [nodes] int32            parent node id; ROOT, UNKNOWN (a placeholder: a
@@ -74,7 +74,7 @@ from router.u64_table import U64Table
 
 assert np.little_endian, "the worker bit rows are unpacked as little-endian bytes"
 
-DEFAULT_MAX_BLOCKS = 1_000_000  # (worker, block) entries; about 100 bytes each
+DEFAULT_MAX_BLOCKS = 1_000_000  # (worker, block) entries; about 75 bytes each (bench/index_scale.py)
 
 ROOT, UNKNOWN, FREE = -1, -2, -3  # _parent values that are not node ids
 PARENT_ROOT = "root"  # what ``parent_of`` says for a chain's first block
