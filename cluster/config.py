@@ -98,6 +98,15 @@ class AdmissionSection(_Strict):
     max_attempts: int = Field(3, ge=1)
 
 
+class KVAwareWeights(_Strict):
+    """Weights of the kv_aware cost (router/placement.py), each in prefill tokens."""
+
+    queue_weight: float = Field(0.2, ge=0, allow_inf_nan=False)  # per token already queued on P
+    running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
+    kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
+    transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D
+
+
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -112,6 +121,7 @@ class RouterSection(_Strict):
     max_n: int = Field(16, ge=1, le=16)  # most choices (`n`) per request: 400 beyond (the API schema caps n at 16)
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
+    kv_aware: KVAwareWeights = KVAwareWeights()
 
 
 class ClusterConfig(_Strict):

@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 STATUSES = ("ok", "bad_request", "unauthorized", "rate_limited", "unavailable", "timeout", "worker_died", "cancelled", "error")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+# kv_aware's parts span shares (KV usage, 0..1), MiB and tokens: one log-spaced scale.
+COST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
@@ -129,6 +131,10 @@ class RouterMetrics:
         self.predicted_hit_tokens = Counter(
             "kvrelay_router_predicted_hit_tokens", "Prompt tokens the router expected the chosen worker to hold", registry=r
         )
+        self.placement_cost = Histogram(
+            "kvrelay_router_placement_cost", "The chosen placement's cost, part by part (kv_aware: tokens of prefill "
+            "work, queued tokens, running sequences, KV usage after, MiB to ship; see router/placement.py)",
+            ["policy", "part"], buckets=COST_BUCKETS, registry=r)
         self.shadow_agreement = Histogram(
             "kvrelay_kv_shadow_agreement", "Shadow sampling: fraction of the first greedy tokens of a lossy handoff "
             "identical to decoding on full KV", ["preset"], buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)

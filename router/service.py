@@ -78,7 +78,7 @@ class RouterService:
         self.block_size = config.engine.block_size
         self.tokenizer = load_tokenizer(self.source)
         self.policy_name = config.router.policy
-        self.policy = make_policy(config.router.policy)
+        self.policy = make_policy(config.router.policy, **policy_options(config))
         roles = ["colocated"] if config.pools.colocated else ["prefill", "decode"]
         self.indexes = {r: ResidencyIndex(max_blocks=config.router.index_max_blocks) for r in roles}
         self.metrics = RouterMetrics(self._worker_views, self._index_views, self._reliability_view)
@@ -88,6 +88,8 @@ class RouterService:
         self.inflight_by_key: dict[str, int] = {}  # API key -> requests in flight (router.max_inflight_per_key)
         self.pending_prefixes = PendingPrefixes()  # prompts placed on a worker, not prefilled yet
         self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
+        self._queued_tokens: dict[str, int] = {}  # uncached prompt tokens placed on a worker, no first token yet
+        self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
 
@@ -121,6 +123,7 @@ class RouterService:
         or a restart). Never blocks on a dead worker beyond a short deadline."""
         for role, states in self.cluster.worker_states().items():
             index = self.indexes[role]
+            drained, handles = {}, {}
             for w in states:
                 name = w.handle.name
                 if not w.up or w.health is None:
@@ -129,12 +132,18 @@ class RouterService:
                     index.invalidate(name, "worker restarted")
                 self._started_at[name] = w.health.started_at
                 try:
-                    events = await w.handle.call(WorkerAPI.kv_events, timeout_s=2.0)
-                    index.apply(name, events)
-                    if name in index.needs_resync():
-                        index.resync(name, await w.handle.call(WorkerAPI.kv_snapshot, timeout_s=5.0))
+                    drained[name] = await w.handle.call(WorkerAPI.kv_events, timeout_s=2.0)
+                    handles[name] = w.handle
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
+            index.apply_many(drained)  # one vectorised pass over the whole pool's events
+            for name in index.needs_resync():
+                if name not in handles:
+                    continue
+                try:
+                    index.resync(name, await handles[name].call(WorkerAPI.kv_snapshot, timeout_s=5.0))
+                except Exception as e:
+                    log.debug("snapshot of %s: %s", name, e)
 
     async def _event_loop(self) -> None:
         while True:
@@ -223,32 +232,63 @@ class RouterService:
             out.append(WorkerSnapshot(
                 w.handle.name, running, max(h.waiting if h else 0, mine - running),
                 h.free_blocks if h else 0, h.total_blocks if h else 1,
-                w.up and h is not None and w.handle.name not in exclude, index.num_blocks_of(w.handle.name),
+                w.up and h is not None and w.handle.name not in exclude,
+                index.num_blocks_of(w.handle.name), self._queued_tokens.get(w.handle.name, 0),
             ))
         return out
 
-    def place(self, prompt: list[int], hashes: list | None = None, exclude: frozenset[str] = frozenset()) -> Placement:
+    def place(self, prompt: list[int], hashes: list | None = None, compression: str | None = None,
+              exclude: frozenset[str] = frozenset()) -> Placement:
         """The policy's (P, D) for a prompt, never one of ``exclude`` (retries and
         migrations avoid the worker that failed). Raises placement's NoWorkerError."""
         hashes = hash_blocks(prompt, self.block_size) if hashes is None else hashes
+        return self._place(prompt, hashes, compression, exclude)[0]
+
+    def _place(self, prompt: list[int], hashes: list, compression: str | None,
+               exclude: frozenset[str] = frozenset()) -> tuple[Placement, int]:
+        """(P, D) and the prompt tokens the compute worker is expected to hold."""
         colocated = "colocated" in self.indexes
         decode_role = "colocated" if colocated else "decode"
         # What the prefill side holds, or will hold once the prompts already sent there
         # are prefilled (the index alone learns a prefix only after its prefill).
         compute_role = decode_role if colocated else "prefill"
-        compute_match = _longer(self.indexes[compute_role].match(hashes).blocks, self.pending_prefixes.match(hashes))
+        compute_index = self.indexes[compute_role].match(hashes, touch=False).blocks
+        decode_index = compute_index if colocated else self.indexes[decode_role].match(hashes, touch=False).blocks
+        compute_match = _longer(compute_index, self.pending_prefixes.match(hashes))
         req = PlacementRequest(
             len(prompt), self.block_size,
             prefill_match={} if colocated else compute_match,
-            decode_match=compute_match if colocated else dict(self.indexes[decode_role].match(hashes).blocks),
+            decode_match=compute_match if colocated else dict(decode_index),
+            block_bytes=0.0 if colocated else self._shipped_block_bytes(compression),
         )
         placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude),
                                        self._snapshots(decode_role, exclude))
         for worker in filter(None, (placement.prefill, placement.decode)):
             self.metrics.decisions.labels(self.policy_name, worker).inc()
-        hit_worker, hit_match = (placement.decode, req.decode_match) if colocated else (placement.prefill, req.prefill_match)
-        self.metrics.predicted_hit_tokens.inc(min(hit_match.get(hit_worker, 0) * self.block_size, len(prompt)))
-        return placement
+        for part, value in placement.parts.items():
+            self.metrics.placement_cost.labels(self.policy_name, part).observe(value)
+        # LRU recency (the index's cap): only the chosen workers' entries are touched
+        compute_worker = placement.decode if colocated else placement.prefill
+        self.indexes[compute_role].touch(compute_worker, hashes, compute_index.get(compute_worker, 0))
+        if not colocated:
+            self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
+        hit = min(compute_match.get(compute_worker, 0) * self.block_size, len(prompt))
+        self.metrics.predicted_hit_tokens.inc(hit)
+        return placement, hit
+
+    def _shipped_block_bytes(self, compression: str | None) -> float:
+        """Bytes one block costs on the wire under ``compression`` (the deployment's
+        preset when None): KV bytes scaled by the preset's kept share and quantization."""
+        if compression not in self._block_bytes:
+            try:
+                _, settings = self.config.transfer.compression.resolve(compression)
+            except ValueError:  # an unknown preset is refused where the request is run
+                _, settings = self.config.transfer.compression.resolve(None)
+            dtype_bytes = self.config.engine_config().resolved_dtype().itemsize
+            per_elem = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}.get(settings.quantization, float(dtype_bytes))
+            kept = settings.keep if settings.sparse else 1.0
+            self._block_bytes[compression] = self.model_config.kv_bytes_per_token * self.block_size * per_elem * kept
+        return self._block_bytes[compression]
 
     # ---- one request ------------------------------------------------------------------
 
@@ -262,10 +302,21 @@ class RouterService:
         decode worker), so a prompt is prefilled and shipped once."""
         hashes = hash_blocks(prompt, self.block_size)
         try:
-            placement = self.place(prompt, hashes)
+            placement, hit = self._place(prompt, hashes, compression)
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement
+        # The compute worker's queue grows by the tokens it must compute, until the
+        # first token comes back (kv_aware weighs work in tokens, not requests).
+        compute_worker, queued = placement.prefill or placement.decode, len(prompt) - hit
+        self._queued_tokens[compute_worker] = self._queued_tokens.get(compute_worker, 0) + queued
+        unqueued = False
+
+        def unqueue() -> None:
+            nonlocal unqueued
+            if not unqueued:
+                unqueued = True
+                self._queued_tokens[compute_worker] -= queued
         # The prompt's blocks are on their way into this worker's cache until its first token.
         pending = self.pending_prefixes.add(placement.prefill or placement.decode, hashes)
         # Count the request against its workers until the health probes see it: on the
@@ -291,9 +342,11 @@ class RouterService:
                 """A retry or migration: the same policy, the failed workers excluded;
                 the request's load moves with it."""
                 try:
-                    again = self.place(prompt_now, exclude=exclude)
+                    again = self.place(prompt_now, compression=compression, exclude=exclude)
                 except NoCandidateError as e:
                     raise NoWorkerError(str(e)) from None
+                if not first_seen:
+                    unqueue()  # the prompt's queued work leaves the failed worker (not re-counted)
                 for role in ("decode",) if first_seen else ("prefill", "decode"):
                     self._unplace(charged[role])  # a no-op for None
                     charged[role] = getattr(again, role)
@@ -310,6 +363,7 @@ class RouterService:
                         first_seen = True
                         self._unplace(charged["prefill"])
                         charged["prefill"] = None  # counted on the prefill worker until its first token
+                        unqueue()
                         self.pending_prefixes.remove(pending)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
@@ -331,6 +385,8 @@ class RouterService:
                 raise
             finally:
                 prefilled.set()
+                if not first_seen:
+                    unqueue()
 
         tasks = [asyncio.create_task(choice(i)) for i in range(len(params))]
         done = 0
@@ -374,6 +430,11 @@ class RouterService:
     def _unplace(self, worker: str | None) -> None:
         if worker is not None:
             self._placed[worker] -= 1
+
+
+def policy_options(config: ClusterConfig) -> dict[str, float]:
+    """The configured weights of the configured policy (only kv_aware has any)."""
+    return config.router.kv_aware.model_dump() if config.router.policy == "kv_aware" else {}
 
 
 def _longer(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

@@ -20,12 +20,16 @@ from router.placement import (
 BS = 16
 
 
-def W(name: str, running: int = 0, waiting: int = 0, free: int = 100, total: int = 100, up: bool = True):
-    return WorkerSnapshot(name, running, waiting, free, total, up)
+def W(name: str, running: int = 0, waiting: int = 0, free: int = 100, total: int = 100, up: bool = True,
+      queued: int = 0):
+    return WorkerSnapshot(name, running, waiting, free, total, up, queued_tokens=queued)
 
 
-def req(tokens: int = 160, prefill: dict | None = None, decode: dict | None = None) -> PlacementRequest:
-    return PlacementRequest(tokens, BS, prefill or {}, decode or {})
+MiB = 2**20
+
+
+def req(tokens: int = 160, prefill: dict | None = None, decode: dict | None = None, block_bytes: float = 0.0):
+    return PlacementRequest(tokens, BS, prefill or {}, decode or {}, block_bytes)
 
 
 DEC = [W("d0")]  # a decode pool for prefill-only cases
@@ -33,51 +37,40 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
 
 # ---- kv_aware: prefill -------------------------------------------------------------
 
+# prefill(P) = uncached tokens + queue_weight (0.2) * queued tokens; prompt 160 = 10 blocks
+
 
 @pytest.mark.parametrize(
     "case, request_, prefill, expected, costs",
     [
+        ("long prefix wins at equal queues", req(160, {"p0": 8}), [W("p0"), W("p1")], "p0", {"p0": 32, "p1": 160}),
         (
-            "long prefix wins at equal load",
-            req(160, {"p0": 8}),
-            [W("p0", running=1), W("p1", running=1)],
-            "p0",
-            {"p0": 32 + 256, "p1": 160 + 256},
-        ),
-        (
-            "a short prefix does not outweigh one more queued request",
+            "queued work outweighs a short prefix",
             req(160, {"p0": 2}),
-            [W("p0", running=1, waiting=1), W("p1", running=1)],
+            [W("p0", queued=200), W("p1")],
             "p1",
-            {"p0": 128 + 512, "p1": 160 + 256},
+            {"p0": 128 + 40, "p1": 160},
         ),
         (
-            "a long prefix outweighs three queued requests",
+            "a long prefix is worth waiting behind less work than it saves",
             req(2000, {"p0": 100}),
-            [W("p0", running=1, waiting=2), W("p1")],
+            [W("p0", queued=1000), W("p1", queued=100)],
             "p0",
-            {"p0": 400 + 768, "p1": 2000},
+            {"p0": 400 + 200, "p1": 2000 + 20},
         ),
         (
-            "balance bound: the prefix holder is 9 requests over the least loaded",
-            req(8000, {"p0": 500}),
-            [W("p0", running=2, waiting=7), W("p1")],
+            "but not behind more",
+            req(2000, {"p0": 100}),
+            [W("p0", queued=9000), W("p1")],
             "p1",
-            {"p1": 8000},  # p0 (cost 2304) is not a candidate
+            {"p0": 400 + 1800, "p1": 2000},
         ),
         (
-            "at the bound (8 over) it is still a candidate",
-            req(8000, {"p0": 500}),
-            [W("p0", running=2, waiting=6), W("p1")],
+            "requests are not work: running and waiting counts do not weigh on prefill",
+            req(160, {"p0": 8}),
+            [W("p0", running=5, waiting=3), W("p1")],
             "p0",
-            {"p0": 2048, "p1": 8000},
-        ),
-        (
-            "bound is relative to the least loaded candidate",
-            req(8000, {"p0": 500}),
-            [W("p0", running=9), W("p1", running=5), W("p2", running=3)],
-            "p0",
-            {"p0": 2304, "p1": 8000 + 1280, "p2": 8000 + 768},
+            {"p0": 32, "p1": 160},
         ),
         (
             "a match longer than the prompt's full blocks counts as the whole prompt",
@@ -87,25 +80,11 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
             {"p0": 0, "p1": 40},
         ),
         (
-            "tie on cost: lower load wins",  # p0: 16 + 512 = 528 ; p1: 272 + 256 = 528
-            req(272, {"p0": 16}),
-            [W("p0", running=2), W("p1", running=1)],
-            "p1",
-            {"p0": 528, "p1": 528},
-        ),
-        (
-            "tie on cost and load: more free blocks, then name",
-            req(160),
-            [W("p2", free=50), W("p1", free=60), W("p0", free=50)],
-            "p1",
-            {"p0": 160, "p1": 160, "p2": 160},
-        ),
-        (
             "down workers are skipped even with the best prefix",
             req(160, {"p0": 10}),
-            [W("p0", up=False), W("p1", running=3)],
+            [W("p0", up=False), W("p1", queued=50)],
             "p1",
-            {"p1": 160 + 768},
+            {"p1": 160 + 10},
         ),
     ],
 )
@@ -115,19 +94,20 @@ def test_kv_aware_prefill(case, request_, prefill, expected, costs):
     assert {k: v for k, v in placement.costs.items() if k.startswith("p")} == pytest.approx(costs)
 
 
-def test_balance_slack_is_configurable():
-    r, pool = req(8000, {"p0": 500}), [W("p0", running=9), W("p1")]
+def test_queue_weight_is_configurable():
+    r, pool = req(2000, {"p0": 100}), [W("p0", queued=9000), W("p1")]
     assert make_policy("kv_aware").choose(r, pool, DEC).prefill == "p1"
-    assert make_policy("kv_aware", balance_slack=16).choose(r, pool, DEC).prefill == "p0"
-    # with no slack only the least loaded remain
-    no_slack = make_policy("kv_aware", balance_slack=0)
-    assert no_slack.choose(req(160, {"p0": 10}), [W("p0", running=1), W("p1")], DEC).prefill == "p1"
+    got = make_policy("kv_aware", queue_weight=0.1).choose(r, pool, DEC)
+    assert got.prefill == "p0" and got.costs["p0"] == pytest.approx(400 + 900)
+    # at 1, a queued token weighs as much as one to compute: 1700 queued outweigh 1600 saved
+    assert make_policy("kv_aware", queue_weight=1.0).choose(r, [W("p0", queued=1700), W("p1")], DEC).prefill == "p1"
 
 
 # ---- kv_aware: decode --------------------------------------------------------------
 
 # prompt 160 tokens = 10 blocks; total 100 blocks each
-# decode_cost = missing tokens + 256 * load + 1024 * (1 - (free - missing blocks) / total)
+# decode(D) = 16 * (running + waiting) + 512 * (1 - (free - missing blocks) / total)
+#             + 1 * missing blocks * block_bytes / MiB
 
 
 @pytest.mark.parametrize(
@@ -138,56 +118,70 @@ def test_balance_slack_is_configurable():
             req(160),
             [W("d0", free=20), W("d1", free=90)],
             "d1",
-            {"d0": 160 + 1024 * 0.9, "d1": 160 + 1024 * 0.2},
+            {"d0": 512 * 0.9, "d1": 512 * 0.2},
         ),
         (
             "the held prefix wins at equal load and free KV (fewer blocks to ship)",
-            req(160, decode={"d0": 8}),
+            req(160, decode={"d0": 8}, block_bytes=2 * MiB),
             [W("d0", running=1, free=50), W("d1", running=1, free=50)],
             "d0",
-            {"d0": 32 + 256 + 1024 * 0.52, "d1": 160 + 256 + 1024 * 0.6},
+            {"d0": 16 + 512 * 0.52 + 2 * 2, "d1": 16 + 512 * 0.6 + 10 * 2},
         ),
         (
-            "load outweighs a little more free KV",
+            "free KV outweighs two running sequences",
             req(160),
             [W("d0", running=2, free=90), W("d1", free=60)],
+            "d0",
+            {"d0": 32 + 512 * 0.2, "d1": 512 * 0.5},
+        ),
+        (
+            "twenty running sequences outweigh free KV",
+            req(160),
+            [W("d0", running=20, free=90), W("d1", free=60)],
             "d1",
-            {"d0": 160 + 512 + 1024 * 0.2, "d1": 160 + 1024 * 0.5},
+            {"d0": 320 + 512 * 0.2, "d1": 512 * 0.5},
         ),
         (
             "a worker without room for the prompt is not a candidate",
             req(160),
             [W("d0", free=9), W("d1", running=3, free=50)],
             "d1",
-            {"d1": 160 + 768 + 1024 * 0.6},
+            {"d1": 48 + 512 * 0.6},
         ),
         (
-            "room counts the blocks it already holds",
+            "room counts the blocks it already holds (a candidate, here the fuller one)",
             req(160, decode={"d0": 8}),
             [W("d0", free=2), W("d1", running=3, free=50)],
-            "d0",
-            {"d0": 32 + 1024 * 1.0, "d1": 160 + 768 + 1024 * 0.6},
+            "d1",
+            {"d0": 512 * 1.0, "d1": 48 + 512 * 0.6},
         ),
         (
             "nobody has room: the most free blocks",
             req(160),
             [W("d0", free=3), W("d1", running=5, free=7), W("d2", free=7, running=6)],
             "d1",
-            {"d1": 160 + 1280 + 1024 * 1.03},
-        ),
-        (
-            "balance bound applies to decode too",
-            req(8000, decode={"d0": 500}),
-            [W("d0", running=9, free=900, total=1000), W("d1", free=900, total=1000)],
-            "d1",
-            {"d1": 8000 + 1024 * 0.6},
+            {"d1": 80 + 512 * 1.03},
         ),
         (
             "down workers are skipped",
             req(160, decode={"d0": 10}),
             [W("d0", up=False), W("d1", running=1, free=20)],
             "d1",
-            {"d1": 160 + 256 + 1024 * 0.9},
+            {"d1": 16 + 512 * 0.9},
+        ),
+        (
+            "large pages: the prefix holder wins though it has less free KV",
+            req(160, decode={"d0": 8}, block_bytes=16 * MiB),
+            [W("d0", free=40), W("d1", free=50)],
+            "d0",
+            {"d0": 512 * 0.62 + 2 * 16, "d1": 512 * 0.6 + 10 * 16},
+        ),
+        (
+            "compressed to 1 MiB a block, the bytes saved no longer pay for the fuller pool",
+            req(160, decode={"d0": 8}, block_bytes=1 * MiB),
+            [W("d0", free=40), W("d1", free=50)],
+            "d1",
+            {"d0": 512 * 0.62 + 2, "d1": 512 * 0.6 + 10},
         ),
     ],
 )
@@ -197,37 +191,54 @@ def test_kv_aware_decode(case, request_, decode, expected, costs):
     assert {k: v for k, v in placement.costs.items() if k.startswith("d")} == pytest.approx(costs)
 
 
-def test_kv_aware_full_placement():
-    r = req(160, prefill={"p1": 10, "p0": 4}, decode={"d0": 10})
+def test_kv_aware_joint_choice_and_its_parts():
+    """Both halves of a conversation's cache win together: P by its prefix, D by the
+    pages it holds (nothing to ship); the chosen pair's parts are reported."""
+    r = req(160, prefill={"p1": 10, "p0": 4}, decode={"d0": 10}, block_bytes=MiB)
     got = make_policy().choose(r, [W("p0"), W("p1")], [W("d0", free=50), W("d1", free=50)])
-    assert got == Placement("p1", "d0", pytest.approx({"p0": 96, "p1": 0, "d0": 512, "d1": 160 + 614.4}))
+    assert (got.prefill, got.decode) == ("p1", "d0")
+    assert got.costs == pytest.approx({"p0": 96, "p1": 0, "d0": 256, "d1": 512 * 0.6 + 10})
+    assert got.parts == pytest.approx({
+        "prefill_uncached_tokens": 0, "prefill_queued_tokens": 0, "prefill_cost": 0,
+        "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256,
+    })
+
+
+def test_decode_worker_holding_the_prefix_wins_when_the_rest_is_equal():
+    r = req(320, prefill={"p0": 20}, decode={"d1": 20}, block_bytes=MiB)
+    pool = [W("d0", running=2, free=500, total=1000), W("d1", running=2, free=470, total=1000)]
+    got = make_policy().choose(r, [W("p0")], pool)
+    assert got.decode == "d1" and got.parts["decode_ship_mib"] == 0
+    # without the bytes term (transfer_weight 0) the roomier worker wins instead
+    assert make_policy(transfer_weight=0.0).choose(r, [W("p0")], pool).decode == "d0"
 
 
 def test_kv_aware_colocated_uses_the_colocated_match():
-    # prefill_match is the (absent) prefill pool's: ignored
-    r = req(160, prefill={"c0": 10}, decode={"c1": 10})
-    got = make_policy("kv_aware").choose(r, [], [W("c0"), W("c1")])
+    # prefill_match is the (absent) prefill pool's: ignored; nothing is shipped
+    r = req(160, prefill={"c0": 10}, decode={"c1": 10}, block_bytes=MiB)
+    got = make_policy("kv_aware").choose(r, [], [W("c0", queued=20), W("c1")])
     assert got.prefill is None and got.decode == "c1"
-    assert got.costs == pytest.approx({"c0": 160 + 1024 * 0.1, "c1": 0})
+    assert got.costs == pytest.approx({"c0": 160 + 4 + 512 * 0.1, "c1": 0})
+    assert got.parts["prefill_uncached_tokens"] == 0 and got.parts["decode_ship_mib"] == 0
 
 
-def test_kv_aware_logs_cost_per_candidate(caplog):
+def test_kv_aware_logs_cost_parts_per_candidate(caplog):
     caplog.set_level(logging.DEBUG, logger="router.placement")
-    pool = [W("p0", running=9), W("p1")]
-    make_policy("kv_aware").choose(req(8000, {"p0": 500}), pool, [W("d0", free=900, total=1000)])
+    make_policy("kv_aware").choose(req(160, {"p0": 8}), [W("p0", queued=7), W("p1")],
+                                   [W("d0", free=90, total=100)])
     text = caplog.text
-    assert "prefill p0: load 9 over balance bound 8, skipped" in text
-    assert "prefill (cold) p1: cost 8000.0 (running 0, waiting 0, free 100/100)" in text
-    assert "decode d0: cost" in text
+    assert "prefill p0: cost 33.4 = uncached 32 + 0.2 x queued 7 tok" in text
+    assert "prefill p1: cost 160.0 = uncached 160 + 0.2 x queued 0 tok" in text
+    assert "decode d0: cost 102.4" in text and "512 x kv usage 0.20" in text
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {"load_weight": float("inf")},
-        {"balance_slack": -1},
+        {"queue_weight": float("inf")},
+        {"running_weight": -1},
         {"kv_usage_weight": float("nan")},
-        {"decode_load_weight": -0.5},
+        {"transfer_weight": -0.5},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
@@ -324,6 +335,8 @@ def test_registry():
         lambda: PlacementRequest(-1, 16),
         lambda: WorkerSnapshot("w", -1, 0, 10, 10),
         lambda: WorkerSnapshot("w", 0, 0, 10, 0),
+        lambda: WorkerSnapshot("w", 0, 0, 10, 10, queued_tokens=-1),
+        lambda: PlacementRequest(160, 16, block_bytes=-1.0),
     ],
 )
 def test_inputs_validated(build):
@@ -339,12 +352,34 @@ def test_request_block_arithmetic():
     assert r.missing_blocks(r.decode_match, "b") == 11
 
 
-def test_kv_aware_spreads_cold_prompts_instead_of_chasing_a_shared_header():
-    # Both workers hold only a 1-block shared header of 10-block prompts: below the
-    # cache threshold, so the prompts are new work and alternate over the idle pool.
+def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
+    # Identical cold prompts on an idle pool tie exactly: the ties rotate.
     policy = make_policy("kv_aware")
     pool = [W("p0"), W("p1")]
-    chosen = [policy.choose(req(160, {"p0": 1}), pool, [W("d0")]).prefill for _ in range(4)]
+    chosen = [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(4)]
     assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
-    # a real prefix (over half the prompt) still wins, every time
+    # a shared 1-block header saves 16 tokens: 81 queued tokens (x 0.2) undo it
+    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=81), W("p1")], [W("d0")]).prefill == "p1"
+    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=79), W("p1")], [W("d0")]).prefill == "p0"
+    # a real prefix wins, every time
     assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}
+
+
+def test_least_loaded_reports_its_parts():
+    got = make_policy("least_loaded").choose(req(), [W("p0", running=2), W("p1")], [W("d0", waiting=3)])
+    assert got.parts == {"prefill_load": 0.0, "decode_load": 3.0}
+
+
+def test_kv_aware_weights_come_from_the_config():
+    from cluster.config import ClusterConfig, ConfigError
+    from router.service import policy_options
+
+    cfg = ClusterConfig.build({"router": {"kv_aware": {"queue_weight": 0.5, "transfer_weight": 4}}})
+    policy = make_policy(cfg.router.policy, **policy_options(cfg))
+    assert (policy.queue_weight, policy.running_weight, policy.kv_usage_weight, policy.transfer_weight) == (0.5, 16, 512, 4)
+    assert make_policy("kv_aware").queue_weight == ClusterConfig.build({}).router.kv_aware.queue_weight
+    rr = ClusterConfig.build({"router": {"policy": "round_robin", "kv_aware": {"queue_weight": 3}}})
+    assert make_policy(rr.router.policy, **policy_options(rr)).name == "round_robin"
+    for bad in ({"queue_weight": -1}, {"transfer_weight": float("inf")}, {"latency_weight": 1}):
+        with pytest.raises(ConfigError):
+            ClusterConfig.build({"router": {"kv_aware": bad}})

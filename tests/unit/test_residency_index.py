@@ -4,6 +4,7 @@ events, resync after gaps and restarts, node reclamation and the LRU entry cap."
 from __future__ import annotations
 
 import random
+from dataclasses import astuple
 
 import pytest
 
@@ -96,11 +97,11 @@ def test_match_result_helpers(idx):
 
 def test_match_is_pure_with_touch_false(idx):
     idx.apply("w0", [stored(1, A)])
-    before = list(idx._lru)
+    before = idx.lru_order()
     idx.match(A, touch=False)
-    assert list(idx._lru) == before
+    assert idx.lru_order() == before
     idx.match(A[:1])
-    assert list(idx._lru)[-1] == ("w0", A[0])
+    assert idx.lru_order()[-1] == ("w0", A[0])
 
 
 # ---- tree shape and memory reclamation --------------------------------------------
@@ -110,39 +111,39 @@ def test_nodes_shared_and_reclaimed(idx):
     idx.apply("w0", [stored(1, A)])
     idx.apply("w1", [stored(1, B)])
     assert (idx.num_nodes, idx.num_blocks) == (6, 8)  # a0 a1 a2 a3 b2 b3
-    assert idx._root.children.keys() == {A[0]}
-    assert idx._nodes[A[1]].children.keys() == {A[2], B[2]}
-    assert idx._nodes[A[0]].workers == {"w0", "w1"}
+    assert idx.children_of(None) == {A[0]}
+    assert idx.children_of(A[1]) == {A[2], B[2]}
+    assert idx.holders_of(A[0]) == {"w0", "w1"}
 
     idx.apply("w1", [removed(2, B[3], B[2])])  # w1's own tail: b2 b3 nodes go
     assert (idx.num_nodes, idx.num_blocks) == (4, 6)
-    assert idx._nodes[A[1]].children.keys() == {A[2]}
+    assert idx.children_of(A[1]) == {A[2]}
 
     idx.apply("w0", [removed(2, A[0])])  # a0 kept: w1 holds it and it has children
     assert (idx.num_nodes, idx.num_blocks) == (4, 5)
-    assert idx._nodes[A[0]].workers == {"w1"}
+    assert idx.holders_of(A[0]) == {"w1"}
 
     idx.apply("w1", [removed(3, A[1], A[0])])  # a0 stays: it has a child, w0's a1
     assert (idx.num_nodes, idx.num_blocks) == (4, 3)
-    assert idx._nodes[A[0]].workers == set() and idx._nodes[A[1]].workers == {"w0"}
+    assert idx.holders_of(A[0]) == set() and idx.holders_of(A[1]) == {"w0"}
     assert idx.match(A).blocks == {"w0": 0, "w1": 0}
 
     idx.apply("w0", [removed(3, A[3], A[2])])
     assert (idx.num_nodes, idx.num_blocks) == (2, 1)
     idx.apply("w0", [removed(4, A[1])])  # the whole chain unwinds to the root
     assert (idx.num_nodes, idx.num_blocks) == (0, 0)
-    assert idx._root.children == {}
+    assert idx.children_of(None) == set()
 
 
 def test_unknown_parent_becomes_placeholder_then_links(idx):
     # w0 reports a2 a3 before the index saw a1 (e.g. the index evicted it)
     idx.apply("w0", [stored(1, A, 2, 4)])
     assert idx.num_nodes == 3  # a1 placeholder + a2 + a3
-    assert idx._nodes[A[1]].parent is None and idx._nodes[A[1]].workers == set()
+    assert idx.parent_of(A[1]) is None and idx.holders_of(A[1]) == set()
     assert idx.match(A).blocks == {"w0": 0}
     idx.apply("w1", [stored(1, A, 0, 2)])  # a1 learns its place under a0
-    assert idx._nodes[A[1]].parent is idx._nodes[A[0]]
-    assert idx._nodes[A[0]].children.keys() == {A[1]}
+    assert idx.parent_of(A[1]) == A[0]
+    assert idx.children_of(A[0]) == {A[1]}
     assert idx.match(A).blocks == {"w0": 0, "w1": 2}
     idx.apply("w0", [stored(2, A, 0, 2)])
     assert idx.match(A).blocks == {"w0": 4, "w1": 2}
@@ -234,8 +235,8 @@ def test_resync_unordered_snapshot_builds_the_tree(idx):
     pairs = [(A[3], A[2]), (A[1], A[0]), (A[2], A[1]), (A[0], None)]
     idx.resync("w0", KVSnapshot(4, tuple(pairs)))
     assert idx.match(A).blocks == {"w0": 4}
-    assert idx._root.children.keys() == {A[0]}
-    assert [idx._nodes[h].parent.block_hash for h in A[1:]] == A[:3]
+    assert idx.children_of(None) == {A[0]}
+    assert [idx.parent_of(h) for h in A[1:]] == A[:3]
 
 
 def test_invalidate_then_resync(idx):
@@ -281,7 +282,7 @@ def test_not_an_event(idx):
 def test_cap_evicts_least_recently_used_entries():
     idx = ResidencyIndex(max_blocks=5)
     idx.apply("w0", [stored(1, A)])  # LRU oldest->newest: a3 a2 a1 a0 (chain tail oldest)
-    assert list(idx._lru) == [("w0", A[3]), ("w0", A[2]), ("w0", A[1]), ("w0", A[0])]
+    assert idx.lru_order() == [("w0", A[3]), ("w0", A[2]), ("w0", A[1]), ("w0", A[0])]
     idx.apply("w1", [stored(1, C)])  # 6 entries: (w0, a3) goes
     assert idx.evictions == 1 and idx.num_blocks == 5
     assert idx.blocks_of("w0") == frozenset(A[:3])
@@ -292,14 +293,14 @@ def test_cap_evicts_least_recently_used_entries():
     assert idx.evictions == 3 and idx.num_blocks == 5
     assert idx.blocks_of("w1") == frozenset(D)
     assert idx.blocks_of("w0") == frozenset(A[:3])
-    assert list(idx._lru) == [("w0", A[2]), ("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0])]
+    assert idx.lru_order() == [("w0", A[2]), ("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0])]
     # evicted entries are gone from the tree too (a3, c0, c1 nodes reclaimed)
     assert idx.num_nodes == 5
 
     idx.match(D[:1])  # d0 newest; order among the rest unchanged
     idx.apply("w0", [stored(2, C, 0, 1)])  # (w0, a2) goes
     assert idx.evictions == 4
-    assert list(idx._lru) == [("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0]), ("w0", C[0])]
+    assert idx.lru_order() == [("w0", A[1]), ("w0", A[0]), ("w1", D[1]), ("w1", D[0]), ("w0", C[0])]
     # a removal frees room without counting as an eviction
     idx.apply("w1", [removed(3, D[1])])
     assert (idx.evictions, idx.num_blocks) == (4, 4)
@@ -393,3 +394,129 @@ def test_lost_events_recovered_from_block_manager_snapshot():
     for q in (A, B, C, D):
         assert idx.match(q).blocks == {"w0": bm.match_prefix(q).num_blocks}
     assert idx.blocks_of("w0") == frozenset(h for h, _ in bm.snapshot().blocks)
+
+
+# ---- the compact layout: same answers as the object-tree reference, bounded memory ---
+
+
+def _random_events(rng: random.Random, workers: int, steps: int):
+    """Per poll, each worker's events: chains stored (sometimes over blocks it already
+    holds), blocks removed (sometimes a parent before its child, sometimes unknown),
+    rarely a full clear; consecutive sequence numbers."""
+    seq = dict.fromkeys(range(workers), 0)
+    held = {w: [] for w in range(workers)}
+    prefixes = [hash_blocks([rng.randrange(30) for _ in range(24)], BS) for _ in range(4)]
+    for _ in range(steps):
+        poll = {}
+        for w in range(workers):
+            evs = []
+            for _ in range(rng.randrange(0, 5)):
+                seq[w] += 1
+                r = rng.random()
+                if r < 0.55:
+                    base = rng.choice(prefixes)[: rng.randrange(0, 7)]
+                    chain = base + hash_blocks([rng.randrange(30) for _ in range(BS * rng.randrange(1, 5))], BS,
+                                               parent=base[-1] if base else None)
+                    start = rng.randrange(0, len(chain))
+                    evs.append(stored(seq[w], chain, start))
+                    held[w] += chain[start:]
+                elif r < 0.95 and held[w]:
+                    gone = rng.sample(held[w], min(len(held[w]), rng.randrange(1, 6))) + [rng.getrandbits(64)]
+                    evs.append(BlockRemoved(seq[w], tuple(dict.fromkeys(gone))))
+                elif r >= 0.99:
+                    evs.append(AllBlocksCleared(seq[w]))
+                    held[w] = []
+                else:
+                    seq[w] -= 1
+            poll[f"w{w}"] = evs
+        yield poll, prefixes
+
+
+def test_batched_application_equals_the_reference_event_by_event():
+    """Random multi-worker polls, applied in one ``apply_many`` pass by the compact
+    index and event by event by the reference: every match and every worker's
+    block set agree after every poll."""
+    from tests.reference_residency_index import ResidencyIndex as Reference
+
+    rng = random.Random(7)
+    idx, ref = ResidencyIndex(max_blocks=10**6), Reference(max_blocks=10**6)
+    compared = 0
+    for poll, prefixes in _random_events(rng, workers=5, steps=120):
+        res = idx.apply_many(poll)
+        for w, evs in poll.items():
+            assert astuple(res[w]) == astuple(ref.apply(w, evs))
+        for p in prefixes:
+            for n in (1, 3, 6):
+                assert idx.match(p[:n], touch=False).blocks == ref.match(p[:n], touch=False).blocks
+                compared += 1
+        for w in poll:
+            assert idx.blocks_of(w) == ref.blocks_of(w) and idx.num_blocks_of(w) == len(ref.blocks_of(w))
+    assert idx.num_blocks == ref.num_blocks and idx.num_nodes <= ref.num_nodes
+    assert compared == 120 * 12 and idx.evictions == ref.evictions == 0
+
+
+def test_events_within_one_batch_apply_in_order():
+    idx = ResidencyIndex()
+    # stored then removed in the same batch: gone; removed then stored again: held
+    idx.apply("w0", [stored(1, A), removed(2, A[3]), removed(3, A[1]), stored(4, A, 1, 2)])
+    assert idx.match(A).blocks == {"w0": 3}
+    assert idx.blocks_of("w0") == frozenset(A[:3])
+    # a clear in the middle drops what came before it, not what follows
+    idx.apply("w0", [stored(5, C), AllBlocksCleared(6), stored(7, D)])
+    assert idx.blocks_of("w0") == frozenset(D)
+    # LRU stamps follow event order: the later event's chain is newer
+    idx.apply("w1", [stored(1, C), stored(2, B)])
+    assert [h for w, h in idx.lru_order() if w == "w1"] == [C[1], C[0], B[3], B[2], B[1], B[0]]
+
+
+def test_apply_many_is_apply_per_worker_in_order():
+    one, many = ResidencyIndex(max_blocks=6), ResidencyIndex(max_blocks=6)
+    polls = {"w1": [stored(1, A)], "w0": [stored(1, C), stored(3, D)], "w2": [stored(1, B, 0, 3)]}
+    results = {w: one.apply(w, evs) for w, evs in polls.items()}
+    assert many.apply_many(polls) == results
+    assert results["w0"].needs_resync and results["w0"].reason == "gap: expected seq 2, got 3"
+    assert many.lru_order() == one.lru_order()
+    assert many.evictions == one.evictions == 1  # 7 entries, cap 6: the oldest, (w1, a3)
+
+
+def test_snapshot_resync_equals_events():
+    """A worker rebuilt from its block manager's snapshot matches what its events built."""
+    rng = random.Random(3)
+    bm = BlockManager(40, BS)
+    by_events, by_snapshot = ResidencyIndex(), ResidencyIndex()
+    for _ in range(60):
+        h = hash_blocks([rng.randrange(20) for _ in range(BS * rng.randrange(1, 6))], BS)
+        m = bm.match_prefix(h)
+        if bm.can_allocate(len(h) - m.num_blocks, m):
+            ids = bm.allocate(len(h) - m.num_blocks, m)
+            bm.cache_blocks(ids, h, m.num_blocks, len(h))
+            bm.free(ids)
+        by_events.apply("w0", bm.take_events())
+    by_snapshot.resync("w0", bm.snapshot())
+    assert by_snapshot.blocks_of("w0") == by_events.blocks_of("w0") == frozenset(h for h, _ in bm.snapshot().blocks)
+    assert by_snapshot.num_nodes == by_events.num_nodes
+
+
+def test_memory_per_entry_measured_with_tracemalloc():
+    """Everything the index allocates (numpy buffers included, which tracemalloc
+    sees), per (worker, block) entry, at 128 workers: within the 128-byte budget."""
+    import gc
+    import tracemalloc
+
+    rng = random.Random(1)
+    system = [rng.getrandbits(64) for _ in range(16)]
+    poll = {  # every worker: the shared system prompt, then 20 conversations of 32 blocks
+        f"w{w}": [BlockStored(1, tuple(system), None)]
+        + [BlockStored(2 + i, tuple(rng.getrandbits(64) for _ in range(32)), system[-1]) for i in range(20)]
+        for w in range(128)
+    }
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    idx = ResidencyIndex()
+    idx.apply_many(poll)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert idx.num_blocks == 128 * (16 + 20 * 32)
+    assert used / idx.num_blocks <= 128, used / idx.num_blocks
+    assert idx.match(system + [1]).blocks == {f"w{w}": 16 for w in range(128)}

@@ -1,0 +1,100 @@
+"""The router's placement bookkeeping without workers: the uncached tokens it places on
+a prefill worker count as queued there until the first token, the bytes to ship follow
+the compression preset, and the chosen cost's parts reach Prometheus. A fake cluster
+stands in for the Ray pools (the real ones are in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.block_hash import hash_blocks
+from cluster.config import ClusterConfig
+from cluster.kv_events import BlockStored
+from cluster.pool import WorkerState
+from router.service import RequestResult, RouterService
+from workers.sampling_params import SamplingParams
+from workers.worker import WorkerHealth
+
+
+def _state(role: str, i: int, free: int = 1000) -> WorkerState:
+    health = WorkerHealth(role, i, 1, 1.0, True, 0, 0, 0.0, free, 1000, 2048)
+    return WorkerState(SimpleNamespace(name=f"{role}-{i}"), up=True, health=health)
+
+
+class FakeCluster:
+    """Two prefill workers and one decode worker; each request yields its first token
+    when ``go`` is set, then finishes."""
+
+    def __init__(self) -> None:
+        self.states = {"prefill": [_state("prefill", 0), _state("prefill", 1)], "decode": [_state("decode", 0)]}
+        self.go = asyncio.Event()
+
+    def worker_states(self):
+        return self.states
+
+    async def generate(self, prompt, params, rid, placement, compression=None, placer=None):
+        await self.go.wait()
+        yield SimpleNamespace(new_token_ids=[42], new_logprobs=[], num_cached_tokens=0, finished=False, finish_reason=None, prompt_logprobs=None)
+        yield SimpleNamespace(new_token_ids=[43], new_logprobs=[], num_cached_tokens=0, finished=True, finish_reason="length", prompt_logprobs=None)
+
+
+@pytest.fixture(scope="module")
+def service() -> RouterService:
+    s = RouterService(ClusterConfig.build({"pools": {"prefill_workers": 2, "decode_workers": 1}}))
+    return s
+
+
+def test_queued_tokens_from_placement_to_first_token(service):
+    async def go():
+        service.cluster = cluster = FakeCluster()
+        prompt = list(range(1000, 1000 + 320))  # 20 blocks
+        hashes = hash_blocks(prompt, service.block_size)
+        service.indexes["prefill"].apply("prefill-1", [BlockStored(1, tuple(hashes[:12]), None)])
+        result = RequestResult(len(prompt))
+        events = []
+
+        async def consume():
+            async for ev in service.run(prompt, [SamplingParams(max_tokens=2)], [], result):
+                events.append(ev)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        # placed where 12 of its 20 blocks are; the other 128 tokens are queued there
+        assert result.placement.prefill == "prefill-1"
+        assert service._queued_tokens == {"prefill-1": 320 - 192}
+        snaps = {w.name: w.queued_tokens for w in service._snapshots("prefill")}
+        assert snaps == {"prefill-0": 0, "prefill-1": 128}
+        # a second, cold prompt now goes to the other worker: prefill-1 has work queued
+        other = list(range(5000, 5000 + 320))
+        assert service.place(other).prefill == "prefill-0"
+        cluster.go.set()
+        await task
+        assert service._queued_tokens == {"prefill-1": 0}
+        assert [e.token_ids for e in events][-1] == [43]
+
+    asyncio.run(go())
+
+
+def test_chosen_cost_parts_are_exported(service):
+    service.cluster = FakeCluster()
+    before = service.metrics.registry.get_sample_value(
+        "kvrelay_router_placement_cost_count", {"policy": "kv_aware", "part": "prefill_uncached_tokens"}) or 0
+    service.place(list(range(7000, 7000 + 64)))
+    after = service.metrics.registry.get_sample_value(
+        "kvrelay_router_placement_cost_count", {"policy": "kv_aware", "part": "prefill_uncached_tokens"})
+    assert after == before + 1
+    for part in ("prefill_queued_tokens", "decode_running", "decode_kv_usage", "decode_ship_mib", "decode_cost"):
+        assert service.metrics.registry.get_sample_value(
+            "kvrelay_router_placement_cost_count", {"policy": "kv_aware", "part": part}) >= 1
+
+
+def test_shipped_bytes_follow_the_compression_preset(service):
+    per_token = service.model_config.kv_bytes_per_token  # elements of K and V, all layers
+    bs = service.block_size
+    assert service._shipped_block_bytes(None) == per_token * bs * 4  # float32 on CPU, preset none
+    assert service._shipped_block_bytes("int8") == per_token * bs * 1
+    assert service._shipped_block_bytes("int4") == per_token * bs * 0.5
+    assert service._shipped_block_bytes("balanced") == per_token * bs * 0.5 * 0.5  # keep 0.5, int4
