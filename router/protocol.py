@@ -10,7 +10,7 @@ Requests are validated at the edge, and every problem becomes a 400 through
 * Features this server does not have (tools, suffix, best_of != n, response_format
   types other than text / json_object / json_schema) are refused with "not supported"
   instead of silently ignored, unless the value asks for nothing (``tools: []``).
-* Ranges: presence / frequency penalty in [-2, 2], repetition_penalty in (0, 2],
+* Ranges: presence / frequency penalty in [-2, 2], repetition_penalty in [0.01, 2],
   logit_bias values in [-100, 100] with integer token-id keys (the vocabulary bound and
   the schema's compilation are checked by the API, which knows the model).
 
@@ -115,7 +115,7 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: StrictBool = True  # vLLM extension
     presence_penalty: Annotated[Number, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])] = 0.0
-    repetition_penalty: Annotated[Number, Field(gt=REPETITION_RANGE[0], le=REPETITION_RANGE[1])] = 1.0  # vLLM extension
+    repetition_penalty: Annotated[Number, Field(ge=REPETITION_RANGE[0], le=REPETITION_RANGE[1])] = 1.0  # vLLM extension
     logit_bias: dict[str, Any] | None = None  # {"token id": bias}; normalized to {int: float}
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
     response_format: dict[str, Any] | None = None

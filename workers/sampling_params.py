@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, OpenAI's
-REPETITION_RANGE = (0.0, 2.0)  # repetition_penalty in (0, 2]; 1 = off
+REPETITION_RANGE = (0.01, 2.0)  # repetition_penalty in [0.01, 2]; 1 = off (a tinier one divides logits to inf)
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, OpenAI's
 
 
@@ -59,8 +59,8 @@ class SamplingParams:
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
         lo, hi = REPETITION_RANGE
-        if not lo < self.repetition_penalty <= hi:
-            raise ValueError(f"repetition_penalty must be in ({lo}, {hi}], got {self.repetition_penalty}")
+        if not lo <= self.repetition_penalty <= hi:
+            raise ValueError(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty}")
         bias = tuple((int(t), float(b)) for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias))
         lo, hi = BIAS_RANGE
         for t, b in bias:

@@ -170,7 +170,8 @@ INVALID = [
     (C, {**BASE_C, "best_of": 3}, "best_of", "unsupported_parameter", "not supported"),
     (C, {**BASE_C, "presence_penalty": 2.5}, "presence_penalty", "invalid_value", "less than or equal to 2"),
     (C, {**BASE_C, "frequency_penalty": -2.01}, "frequency_penalty", "invalid_value", "greater than or equal to -2"),
-    (C, {**BASE_C, "repetition_penalty": 0}, "repetition_penalty", "invalid_value", "greater than 0"),
+    (C, {**BASE_C, "repetition_penalty": 0}, "repetition_penalty", "invalid_value", "greater than or equal to 0.01"),
+    (C, {**BASE_C, "repetition_penalty": 5e-324}, "repetition_penalty", "invalid_value", "greater than or equal to 0.01"),  # found by the fuzzer: divided logits to inf
     (C, {**BASE_C, "repetition_penalty": 2.5}, "repetition_penalty", "invalid_value", "less than or equal to 2"),
     (C, {**BASE_C, "presence_penalty": "1"}, "presence_penalty", "invalid_type", "number"),
     (C, {**BASE_C, "logit_bias": {"50256": -101}}, "logit_bias", "invalid_value", "outside [-100, 100]"),
