@@ -24,7 +24,9 @@ def test_router_imports_no_torch():
 
 
 def _params(fn) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters if p != "self"]
+    # Ray adds `_ray_trace_ctx` to an actor class's methods once the class has been made
+    # remote in this process (an earlier test started a cluster): not part of the contract.
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "_ray_trace_ctx")]
 
 
 def test_actor_class_carries_exactly_the_protocol():
