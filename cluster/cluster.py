@@ -193,13 +193,20 @@ class KVRelayCluster:
                 p, d, desc = await self._admit(a_rid, a_prompt, a_params, compression, exclude,
                                                placement if attempt == 1 else None, placer, retry=attempt > 1)
                 d_name = d.handle.name
+                emitted = 0  # this attempt's output tokens already passed on
                 async for out in self._run(a_rid, a_prompt, a_params, p, d, desc, compression, rng_state):
-                    sent += out.new_token_ids
+                    # A decode worker whose first output repeats the prefill's first token
+                    # (the first token already ended the request): pass each token on once.
+                    fresh = out.new_token_ids[max(0, emitted - (out.num_output_tokens - len(out.new_token_ids))):]
+                    emitted = max(emitted, out.num_output_tokens)
+                    sent += fresh
                     rng_state = out.rng_state if out.rng_state is not None else rng_state
                     if cached_tokens is None:
                         cached_tokens = out.num_cached_tokens
-                    yield dataclasses.replace(out, request_id=rid, num_prompt_tokens=len(prompt),
-                                              num_cached_tokens=cached_tokens, num_output_tokens=len(sent))
+                    yield dataclasses.replace(out, request_id=rid, new_token_ids=fresh,
+                                              new_logprobs=out.new_logprobs[-len(fresh):] if fresh and out.new_logprobs else [],
+                                              num_prompt_tokens=len(prompt), num_cached_tokens=cached_tokens,
+                                              num_output_tokens=len(sent))
                 return
             except (WorkerDiedError, TimeoutError) as e:
                 failed = d_name or _worker_of(e, self.decode)
