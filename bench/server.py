@@ -48,10 +48,14 @@ class Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._wait_healthy(t0)
+
+    def _wait_healthy(self, t0: float) -> None:
+        assert self.proc is not None
         deadline = t0 + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: kvrelay serve exited with {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"{self.name}: the server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     break

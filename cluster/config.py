@@ -31,7 +31,7 @@ class EngineSection(_Strict):
     chunk_size: int = Field(512, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
 
 
 class PoolSection(_Strict):

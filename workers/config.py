@@ -26,7 +26,7 @@ class EngineConfig:
     chunk_size: int = 512  # most prompt tokens one request computes in one step
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | torch | flashinfer
+    attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
 
@@ -48,8 +48,8 @@ class EngineConfig:
             raise ValueError(
                 f"chunk_size ({self.chunk_size}) must not exceed max_num_batched_tokens ({self.max_num_batched_tokens})"
             )
-        if self.attention_backend not in ("auto", "torch", "flashinfer"):
-            raise ValueError(f"attention_backend must be auto, torch or flashinfer, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu", "flashinfer"):
+            raise ValueError(f"attention_backend must be auto, torch, cpu or flashinfer, got {self.attention_backend!r}")
 
     def resolved_device(self) -> torch.device:
         import torch

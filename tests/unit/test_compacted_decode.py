@@ -29,8 +29,18 @@ def tiny(tmp_path_factory):
     return load_model(resolve_model(str(path)), dtype=torch.float32, device="cpu")
 
 
+_BACKEND = ["torch"]
+
+
+@pytest.fixture(autouse=True, params=["torch", "cpu"])
+def backend(request):
+    """Every test on the reference backend and on the CPU backend."""
+    _BACKEND[0] = request.param
+    return request.param
+
+
 def _engine(loaded, prefix_caching=False):
-    return Engine(EngineConfig(num_kv_blocks=64, block_size=16, max_model_len=512, attention_backend="torch",
+    return Engine(EngineConfig(num_kv_blocks=64, block_size=16, max_model_len=512, attention_backend=_BACKEND[0],
                                device="cpu", dtype="float32", enable_prefix_caching=prefix_caching), loaded=loaded)
 
 

@@ -82,12 +82,7 @@ class TorchAttentionPlan:
         cache[self.write_blk, 1, self.write_off] = v
         out = torch.empty_like(q)  # [T, Hq, D]
         if self.decode_tokens is not None:
-            keys = cache[self.decode_blk, 0, self.decode_off].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-            vals = cache[self.decode_blk, 1, self.decode_off].transpose(1, 2)
-            qd = q[self.decode_tokens].unsqueeze(2)  # [Bd, Hq, 1, D]
-            mask = self.decode_mask if self.decode_layer_mask is None else self.decode_layer_mask[layer]
-            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=mask, enable_gqa=True)
-            out[self.decode_tokens] = o.squeeze(2)
+            out[self.decode_tokens] = self.decode(layer, cache, q[self.decode_tokens])
         for p in self.prefills:
             keys = cache[p.blk, 0, p.off].transpose(0, 1)  # [Hkv, L, D]
             vals = cache[p.blk, 1, p.off].transpose(0, 1)
@@ -98,6 +93,14 @@ class TorchAttentionPlan:
             )
             out[p.q_start : p.q_end] = o.transpose(0, 1)
         return out
+
+    def decode(self, layer: int, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """[Bd, Hq, D]: one new token per sequence against its whole context."""
+        keys = cache[self.decode_blk, 0, self.decode_off].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        vals = cache[self.decode_blk, 1, self.decode_off].transpose(1, 2)
+        mask = self.decode_mask if self.decode_layer_mask is None else self.decode_layer_mask[layer]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=True)
+        return o.squeeze(2)
 
 
 def _visible(hidden: list[tuple[int, int]] | None, length: int, num_layers: int) -> torch.Tensor:
