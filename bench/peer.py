@@ -20,6 +20,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,9 +39,9 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
     "c8": ("random 256 in / 64 out, concurrency 8, 48 prompts",
            ["--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "64",
             "--num-prompts", "48", "--max-concurrency", "8"]),
-    "c32": ("random 256 in / 64 out, concurrency 32, 96 prompts",
+    "c32": ("random 256 in / 64 out, concurrency 32, 64 prompts",
             ["--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "64",
-             "--num-prompts", "96", "--max-concurrency", "32"]),
+             "--num-prompts", "64", "--max-concurrency", "32"]),
     "prefix": ("prefix_repetition: 4 shared 512-token prefixes + 64-token suffixes, 64 out, concurrency 8, 48 prompts",
                ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "512",
                 "--prefix-repetition-suffix-len", "64", "--prefix-repetition-num-prefixes", "4",
@@ -52,7 +53,8 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
 
 # name -> (what, kvrelay serve arguments); vllm is the peer
 KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "default": ("`kvrelay serve` as shipped", []),
+    "default": ("`kvrelay serve` as shipped (1 prefill + 1 decode worker, float32)", []),
+    "bf16": ("the same with bfloat16 weights and KV (float32 accumulation)", ["--dtype", "bfloat16"]),
 }
 SYSTEMS = ["vllm", *KVRELAY_CONFIGS]
 METRICS = ["ttft", "tpot", "itl", "e2el"]
@@ -110,6 +112,24 @@ def drive(url: str, scenario: str, out: Path, seed: int) -> dict:
     return res
 
 
+def profile_processes(url: str, out_dir: Path, duration_s: int) -> list[subprocess.Popen]:
+    """Start ``py-spy record`` (flame graph SVG) on the router replica and every worker
+    (their pids from the router's /health)."""
+    import httpx
+
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    targets = {"router": health["router_pid"], **{n: w["pid"] for n, w in health["workers"].items() if "pid" in w}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, pid in targets.items():
+        svg = out_dir / f"{name}.svg"
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                                       "--duration", str(duration_s), "--rate", "50", "--nonblocking",
+                                       "--output", str(svg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        log(f"profiling {name} (pid {pid}) -> {svg}")
+    return procs
+
+
 def summary(res: dict) -> dict:
     s = {"output_tok_s": res.get("output_throughput"), "completed": res.get("completed"),
          "failed": res.get("failed", 0), "duration_s": res.get("duration")}
@@ -143,7 +163,13 @@ def run(args: argparse.Namespace) -> dict:
             for sc in args.scenarios:
                 # one warm-up request's worth: the first scenario's first prompts also warm the server
                 la0 = loadavg()
+                spies = []
+                if args.profile and system != "vllm" and sc == args.profile_scenario:
+                    threading.Timer(args.profile_delay_s, lambda: spies.extend(
+                        profile_processes(server.url, out_dir / "profiles" / system, args.profile_duration_s))).start()
                 res = drive(server.url, sc, raw / f"{system}-{sc}.json", args.seed)
+                for spy in spies:
+                    spy.wait(60)
                 data["runs"].setdefault(sc, {})[system] = {**summary(res), "load_before": la0, "load_after": loadavg(),
                                                             "command": res["_command"]}
                 log(f"{system} {sc}: {data['runs'][sc][system]['output_tok_s']:.1f} tok/s")
@@ -238,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     p.add_argument("--kvrelay-args", default="", help="extra `kvrelay serve` arguments for every kvrelay system")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy flame graphs of the router replica and workers during --profile-scenario "
+                        "(written to OUT/profiles/SYSTEM/)")
+    p.add_argument("--profile-scenario", default="c8", choices=list(SCENARIOS))
+    p.add_argument("--profile-delay-s", type=float, default=20.0, help="start profiling this long into the scenario")
+    p.add_argument("--profile-duration-s", type=int, default=40)
     p.add_argument("--merge", action="store_true", help="keep the runs already in peer.json (replace the ones re-run)")
     p.add_argument("--render", action="store_true", help="only rewrite peer.md / peer.png from peer.json")
     p.add_argument("--out", default="bench/results")

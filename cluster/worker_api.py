@@ -68,6 +68,17 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output carrying both steps' tokens, as if ``later`` had come in one piece
+    with ``first`` (a consumer that lagged gets what piled up in one message)."""
+    return RequestOutput(
+        first.request_id, first.new_token_ids + later.new_token_ids, first.new_logprobs + later.new_logprobs,
+        later.finished, later.finish_reason, later.num_prompt_tokens, later.num_cached_tokens, later.num_output_tokens,
+        later.rng_state if later.rng_state is not None else first.rng_state,
+        first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
+    )
+
+
 @dataclass(frozen=True)
 class PrefillResult:
     request_id: str

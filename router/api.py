@@ -160,11 +160,12 @@ async def health(request: Request) -> JSONResponse:
     workers = {
         w.handle.name: {"up": w.up, "restarts": w.restarts, **({
             "running": w.health.running, "waiting": w.health.waiting, "kv_usage": round(w.health.kv_usage, 4),
+            "pid": w.health.pid,
         } if w.health else {})}
         for ws in states.values() for w in ws
     }
     ok = s.ready and bool(states) and all(any(w.up for w in ws) for ws in states.values())
-    body = {"status": "ok" if ok else "unavailable", "workers": workers,
+    body = {"status": "ok" if ok else "unavailable", "router_pid": os.getpid(), "workers": workers,
             "index": {r: {"mode": i.mode, "blocks": i.num_blocks} for r, i in s.indexes.items()}}
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -40,6 +41,27 @@ def test_concurrent_streams_match_sync_engine(async_engine, make_engine, tokeniz
     results = asyncio.run(main())
     assert [toks for toks, _ in results] == expected
     assert all(last.finished and last.finish_reason == "length" for _, last in results)
+
+
+def test_a_lagging_consumer_gets_the_same_tokens_in_fewer_messages(async_engine, tokenizer):
+    prompt = tokenizer.encode("Count from one to twenty:")
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    async def read(pause_s):
+        outs = []
+        async for out in async_engine.generate(f"lag-{pause_s}", prompt, params):
+            outs.append(out)
+            await asyncio.sleep(pause_s)  # a slow client: steps pile up meanwhile
+        return outs
+
+    prompt_only = asyncio.run(read(0.0))
+    lagging = asyncio.run(read(0.3))
+    toks = lambda outs: [t for o in outs for t in o.new_token_ids]  # noqa: E731
+    assert toks(lagging) == toks(prompt_only) and len(toks(lagging)) == 24
+    assert len(lagging) < len(prompt_only)  # merged while the consumer slept
+    assert [lp.token_id for o in lagging for lp in o.new_logprobs] == toks(lagging)  # logprobs follow their tokens
+    assert [o.num_output_tokens for o in lagging] == list(itertools.accumulate(len(o.new_token_ids) for o in lagging))
+    assert lagging[-1].finished and not any(o.finished for o in lagging[:-1])
 
 
 def test_bad_input_raises_and_engine_keeps_serving(async_engine, tokenizer):
