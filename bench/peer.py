@@ -54,7 +54,8 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
 # name -> (what, kvrelay serve arguments); vllm is the peer
 KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
     "default": ("`kvrelay serve` as shipped (1 prefill + 1 decode worker, float32)", []),
-    "bf16": ("the same with bfloat16 weights and KV (float32 accumulation)", ["--dtype", "bfloat16"]),
+    "colocated": ("one colocated worker (prefill and decode in one engine) with 2 torch threads, float32",
+                  ["--colocated", "--decode-workers", "1", "--threads", "2"]),
 }
 SYSTEMS = ["vllm", *KVRELAY_CONFIGS]
 METRICS = ["ttft", "tpot", "itl", "e2el"]
