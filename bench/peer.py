@@ -58,6 +58,7 @@ KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
                   ["--colocated", "--decode-workers", "1", "--threads", "2"]),
 }
 SYSTEMS = ["vllm", *KVRELAY_CONFIGS]
+DEFAULT_SYSTEMS = ["vllm", "default"]
 METRICS = ["ttft", "tpot", "itl", "e2el"]
 
 
@@ -262,7 +263,8 @@ def plot(data: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=SYSTEMS,
+                   help="servers to run, one after the other (default: vllm default)")
     p.add_argument("--kvrelay-args", default="", help="extra `kvrelay serve` arguments for every kvrelay system")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
