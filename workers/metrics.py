@@ -57,6 +57,11 @@ class _WorkerCollector(Collector):
             fam.add_metric(values, float(getattr(stats, field)))
             yield fam
         sched, bm = w.engine.scheduler, w.engine.block_manager
+        fam = CounterMetricFamily("kvrelay_prefix_cache_hash_mismatches",
+                                  "Prefix-cache hash hits refused because the block held other tokens (collisions)",
+                                  labels=["role", "worker"])
+        fam.add_metric(values, float(bm.hash_mismatches))
+        yield fam
         for name, doc, value in (
             ("kvrelay_kv_cache_usage_ratio", "Fraction of this worker's KV blocks in use (0..1)", bm.usage),
             ("kvrelay_running_requests", "Requests in this worker's running batch", len(sched.running)),

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from cluster.block_hash import hash_blocks
 from cluster.config import ClusterConfig
 from cluster.worker_api import WorkerAPI
 from router.placement import make_policy
@@ -112,7 +111,7 @@ def test_a_follow_up_goes_where_its_prefix_is_still_being_computed(router, token
     shared = tokenizer.encode("[burst] " + long_text(1600))
     prompts = [shared + tokenizer.encode(f" Question {i}: what is point {i}?") for i in range(2)]
     assert 300 < len(shared) < 400
-    assert not any(s.indexes["prefill"].match(hash_blocks(prompts[0], s.block_size), touch=False).blocks.values())  # cold
+    assert not any(s.indexes["prefill"].match(s.hasher.hash_blocks(prompts[0]), touch=False).blocks.values())  # cold
 
     async def one(prompt):
         result = RequestResult(len(prompt))
@@ -139,7 +138,7 @@ def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray
     checked = 0
     for w in s.cluster.prefill.workers:
         for p in prompts:
-            hashes = hash_blocks(p, s.block_size)
+            hashes = s.hasher.hash_blocks(p)  # the deployment's keyed hashes
             truth = router.run(w.handle.call(WorkerAPI.cached_prefix_blocks, hashes, timeout_s=10))
             assert index.match(hashes, touch=False).num_blocks(w.handle.name) == truth
             checked += truth == 0
