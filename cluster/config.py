@@ -243,6 +243,9 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+_SECRET_KEYS = frozenset({"hash_seed", "api_key"})
+
+
 def _explain(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -252,6 +255,8 @@ def _explain(e: ValidationError) -> str:
             lines.append(f"{where}: unknown key")
         elif not where:
             lines.append(msg)
+        elif err["loc"] and err["loc"][-1] in _SECRET_KEYS:
+            lines.append(f"{where}: {msg}")  # never echo a secret, not even a malformed one
         else:
             lines.append(f"{where}: {msg} (got {err.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
