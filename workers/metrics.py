@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -111,6 +111,7 @@ class WorkerMetrics:
     def __init__(self, worker: "WorkerBase") -> None:
         role, name = worker.spec.role, f"{worker.spec.role}-{worker.spec.index}"
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes etc. (RSS growth in the soak run)
         self.queue_time = Histogram(
             "kvrelay_request_queue_time_seconds", "Time a request waited in this worker's queue before it was first scheduled",
             ["role", "worker"], buckets=QUEUE_TIME_BUCKETS, registry=self.registry,
