@@ -106,6 +106,15 @@ def run(args) -> dict:
         rss_after = process_rss(url)
         normal = after(url)
         rss_end = process_rss(url)
+        # Further bursts: memory that grows by the same amount each time is a leak;
+        # memory that stays where the first burst left it is the allocator's high-water mark.
+        repeats = []
+        for k in range(1, args.bursts):
+            recs, _ = asyncio.run(burst(url, args.clients, args.timeout))
+            time.sleep(2.0)
+            repeats.append({"statuses": dict(Counter(str(r["status"]) for r in recs)),
+                            "router_rss_mib_after": _mib(process_rss(url).get("router"))})
+            log(f"burst {k + 1}: {repeats[-1]}")
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     statuses = Counter(str(r["status"]) for r in records)
     limited = [r for r in records if r["status"] == 429]
@@ -122,7 +131,7 @@ def run(args) -> dict:
                            "peak_during": _mib(max((v for _, v in rss_samples), default=None)),
                            "after": _mib(rss_after.get("router")), "end": _mib(rss_end.get("router"))},
         "worker_rss_mib": {w: [_mib(rss_before.get(w)), _mib(rss_after.get(w))] for w in sorted(rss_before) if w != "router"},
-        "after": normal,
+        "after": normal, "repeated_bursts": repeats,
         "router_rate_limited_total": next((float(line.split()[-1]) for line in metrics.splitlines()
                                            if line.startswith('kvrelay_requests_total{status="rate_limited"}')), None),
         "records": records, "rss_samples": rss_samples,
@@ -168,7 +177,9 @@ def write(res: dict, tag: str) -> Path:
             ("router RSS before / peak during / after / end (MiB)", f"{m['before']} / {m['peak_during']} / {m['after']} / {m['end']}"),
             ("worker RSS before -> after (MiB)", "; ".join(f"{w} {x} -> {y}" for w, (x, y) in res["worker_rss_mib"].items())),
             ("right after: health, 8 sequential requests", f"{res['after']['health']}, {dict(Counter(res['after']['statuses']))}"),
-            ("right after: request latency p50 / max (s)", f"{res['after']['seconds']['p50']:.2f} / {res['after']['seconds']['max']:.2f}")]
+            ("right after: request latency p50 / max (s)", f"{res['after']['seconds']['p50']:.2f} / {res['after']['seconds']['max']:.2f}"),
+            *((f"burst {k + 2}: statuses, router RSS after (MiB)", f"{b['statuses']}, {b['router_rss_mib_after']}")
+              for k, b in enumerate(res.get("repeated_bursts", [])))]
     mi = res["machine"]
     md = [f"# Overload{(' ' + tag.strip('-')) if tag else ''}", "",
           f"`python -m bench.overload --clients {res['clients']} --max-inflight {res['max_inflight']}`: `kvrelay serve` "
@@ -194,13 +205,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-inflight", type=int, default=256)
     ap.add_argument("--kv-gb", type=float, default=0.25, help="KV cache per worker (GB)")
     ap.add_argument("--timeout", type=float, default=180.0, help="per-request client timeout (s)")
+    ap.add_argument("--bursts", type=int, default=3, help="bursts in a row (RSS after each: leak or high-water mark)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     res = run(args)
     path = write(res, args.tag)
     print(path.read_text())
     s = res["statuses"]
-    good = (set(s) <= {"200", "429"} and res["rate_limited_with_retry_after"] == s.get("429", 0)
+    good = (set(s) <= {"200", "429"} and all(set(b["statuses"]) <= {"200", "429"} for b in res["repeated_bursts"]) and res["rate_limited_with_retry_after"] == s.get("429", 0)
             and res["after"]["health"] == 200 and set(res["after"]["statuses"]) == {200})
     return 0 if good else 1
 
