@@ -70,7 +70,9 @@ def root_hash(namespace: str | None, seed: bytes | None = None) -> BlockHash:
     """The chain root of a cache namespace (``None``: the shared default one)."""
     if namespace is None:
         return ROOT_HASH
-    return _digest(b"ns\x00" + namespace.encode("utf-8"), _seed(seed))
+    # surrogatepass: a JSON string may carry a lone surrogate ("\ud800"); it is still a
+    # distinct, stable namespace rather than an encoding error
+    return _digest(b"ns\x00" + namespace.encode("utf-8", "surrogatepass"), _seed(seed))
 
 
 def hash_block(

@@ -212,6 +212,9 @@ def test_cache_namespace_rules():
     assert ka.startswith("key:") and ka != kb and ka == cache_namespace(None, "key-a")
     assert "key-a" not in ka  # only a digest of the key crosses to the workers
     assert cache_namespace(None, "key-a", per_key=False) is None
+    # Any JSON string is a salt, a lone surrogate included (no encoding error, distinct).
+    odd = BlockHasher(4).hash_blocks(list(range(8)), cache_namespace("\ud800x", None))
+    assert odd != BlockHasher(4).hash_blocks(list(range(8)), cache_namespace("\ud801x", None))
     # A salt cannot name a key's namespace (different prefixes).
     assert cache_namespace(ka.removeprefix("key:"), None) != ka
 
