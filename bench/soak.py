@@ -142,10 +142,12 @@ def write(res: dict, tag: str) -> Path:
     a.legend(fontsize=7, ncol=2)
     for name in sorted(res["rss_growth"]):
         pts = [(t / 60, d[name]) for t, d in res["rss"] if name in d]
-        b.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name)
+        base = res["rss_growth"][name]["first_mib"]
+        b.plot([p[0] for p in pts], [p[1] - base for p in pts], "o-", ms=3, label=f"{name} (first {base:.0f} MiB)")
+    b.axhline(0, color="gray", lw=0.5)
     b.set_xlabel("minute of the run")
-    b.set_ylabel("resident memory (MiB)")
-    b.set_title("RSS per process")
+    b.set_ylabel("RSS minus its first sample after the load began (MiB)")
+    b.set_title("resident memory growth per process")
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"soak{tag}.png", dpi=110)
