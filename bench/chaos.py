@@ -199,8 +199,11 @@ def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 5))
     colors = {"completed": "tab:green", "cancelled": "tab:blue", "error": "tab:orange", "hung": "tab:red"}
+    ax.set_ylim(-5, len(result["timeline"]) * 1.12)
     for i, (start, secs, _kind, outcome) in enumerate(result["timeline"]):
         ax.plot([start, start + secs], [i, i], color=colors.get(_bucket(outcome), "black"), lw=1.2)
+    fast = [(start, i) for i, (start, secs, _kind, outcome) in enumerate(result["timeline"]) if _bucket(outcome) != "completed" and secs < 0.5]
+    ax.scatter([t for t, _ in fast], [i for _, i in fast], marker="|", s=12, color="tab:orange")  # too short for a bar
     for t, name in result["kills"]:
         ax.axvline(t, color="black", ls="--", lw=0.8)
         ax.text(t, len(result["timeline"]) * 1.01, name, rotation=90, fontsize=7, va="bottom", ha="center")
