@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cluster.block_hash import hash_blocks
+from cluster.block_hash import BlockHasher
 from cluster.cluster import KVRelayCluster, NoWorkerError
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
@@ -70,12 +70,15 @@ class RequestResult:
 
 class RouterService:
     def __init__(self, config: ClusterConfig) -> None:
-        self.config = config
+        # The deployment's secret block-hash seed (configured, or fresh now): start()
+        # hands this same config to every worker, so they hash alike.
+        self.config = config = config.with_hash_seed()
         self.source = resolve_model(config.engine.model)
         self.model_id = config.router.served_model_name or self.source.model_id
         self.model_config = read_model_config(self.source)
         self.max_model_len = config.engine.max_model_len or self.model_config.max_position_embeddings
         self.block_size = config.engine.block_size
+        self.hasher = BlockHasher(self.block_size, config.prefix_cache.seed_bytes())
         self.tokenizer = load_tokenizer(self.source)
         self.policy_name = config.router.policy
         self.policy = make_policy(config.router.policy, **policy_options(config))
@@ -182,7 +185,7 @@ class RouterService:
         """Send a probe and confirm the worker's `stored` events carry the router's own
         block hashes: tokenizer, chat template and hash function agree."""
         prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}])
-        hashes = hash_blocks(prompt, self.block_size)
+        hashes = self.hasher.hash_blocks(prompt)
         if len(hashes) < 2:
             raise SelfCheckError("probe prompt is shorter than two blocks")
         placement = self.place(prompt)
@@ -238,10 +241,11 @@ class RouterService:
         return out
 
     def place(self, prompt: list[int], hashes: list | None = None, compression: str | None = None,
-              exclude: frozenset[str] = frozenset()) -> Placement:
+              exclude: frozenset[str] = frozenset(), namespace: str | None = None) -> Placement:
         """The policy's (P, D) for a prompt, never one of ``exclude`` (retries and
-        migrations avoid the worker that failed). Raises placement's NoWorkerError."""
-        hashes = hash_blocks(prompt, self.block_size) if hashes is None else hashes
+        migrations avoid the worker that failed). Raises placement's NoWorkerError.
+        ``namespace``: the prefix-cache namespace the prompt is hashed under."""
+        hashes = self.hasher.hash_blocks(prompt, namespace) if hashes is None else hashes
         return self._place(prompt, hashes, compression, exclude)[0]
 
     def _place(self, prompt: list[int], hashes: list, compression: str | None,
@@ -300,7 +304,10 @@ class RouterService:
         first; once its prompt is prefilled, the other choices start on the same
         workers and reuse that prefix (prefix cache on the prefill worker, dedup on the
         decode worker), so a prompt is prefilled and shipped once."""
-        hashes = hash_blocks(prompt, self.block_size)
+        # Hashed under the request's cache namespace, as its workers will: the index
+        # answers only with the prefixes this tenant's own requests left behind.
+        namespace = params[0].cache_namespace
+        hashes = self.hasher.hash_blocks(prompt, namespace)
         try:
             placement, hit = self._place(prompt, hashes, compression)
         except NoCandidateError as e:
@@ -342,7 +349,7 @@ class RouterService:
                 """A retry or migration: the same policy, the failed workers excluded;
                 the request's load moves with it."""
                 try:
-                    again = self.place(prompt_now, compression=compression, exclude=exclude)
+                    again = self.place(prompt_now, compression=compression, exclude=exclude, namespace=namespace)
                 except NoCandidateError as e:
                     raise NoWorkerError(str(e)) from None
                 if not first_seen:

@@ -90,6 +90,7 @@ CONTRACT = {
     "kvrelay_request_queue_time_seconds": Metric("histogram", ALL_WORKERS, buckets=QUEUE_TIME_BUCKETS),
     "kvrelay_prefix_cache_query_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefix_cache_hit_tokens_total": Metric("counter", ALL_WORKERS),
+    "kvrelay_prefix_cache_hash_mismatches_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefill_computed_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_kv_cache_usage_ratio": Metric("gauge", ALL_WORKERS),
     "kvrelay_running_requests": Metric("gauge", ALL_WORKERS),

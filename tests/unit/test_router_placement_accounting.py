@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.block_hash import hash_blocks
 from cluster.config import ClusterConfig
 from cluster.kv_events import BlockStored
 from cluster.pool import WorkerState
@@ -51,7 +50,7 @@ def test_queued_tokens_from_placement_to_first_token(service):
     async def go():
         service.cluster = cluster = FakeCluster()
         prompt = list(range(1000, 1000 + 320))  # 20 blocks
-        hashes = hash_blocks(prompt, service.block_size)
+        hashes = service.hasher.hash_blocks(prompt)  # the router's keyed hashes
         service.indexes["prefill"].apply("prefill-1", [BlockStored(1, tuple(hashes[:12]), None)])
         result = RequestResult(len(prompt))
         events = []
