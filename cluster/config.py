@@ -105,6 +105,10 @@ class KVAwareWeights(_Strict):
     running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
     kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
     transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D
+    # Local prefill: a decode worker holding more of the prompt than every prefill worker
+    # computes the rest itself when at most this many tokens are left and that costs less
+    # than the best (P, D) pair; 0 = never (always ship from a prefill worker).
+    local_prefill_max_tokens: int = Field(256, ge=0)
 
 
 class RouterSection(_Strict):

@@ -36,7 +36,19 @@ A decode worker that holds a conversation's prefix needs only the rest shipped, 
 conversation's later turns land where both its prefill cache and its decode pages are.
 
 Colocated mode scores one pool with ``prefill(W) + decode(W)`` minus the transfer term
-(nothing is shipped). Decode candidates without room for the blocks they lack
+(nothing is shipped).
+
+**Local prefill** (conditional disaggregation, as Dynamo and vLLM do it): a decode
+worker D that holds more of the prompt than any prefill worker, with at most
+``local_prefill_max_tokens`` of it left to compute, may prefill the rest itself::
+
+    local(D) = uncached_tokens(D) + queue_weight * queued_tokens(D) + decode(D) - transfer term
+
+and does so when ``local(D)`` is below the best pair's ``cost(P, D)``; the placement's
+``prefill`` is then None, as in colocated mode. Multi-turn chat is the case: the decode
+worker generated the last answer, so it holds the conversation up to the end of that
+answer, while the prefill worker that computed the last prompt holds it only up to the
+answer's start (the measured reason kv_aware could not win by much on chat before). Decode candidates without room for the blocks they lack
 (``free_blocks < missing_blocks``) are skipped; if nobody has room, the one with the
 most free blocks is taken (its reserve may still fail and retry). Exact ties rotate
 over the tied workers, so identical cold prompts spread over an idle pool.
@@ -114,7 +126,7 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Placement:
-    prefill: str | None  # None: colocated (the decode worker prefills too)
+    prefill: str | None  # None: the decode worker prefills too (colocated mode, or kv_aware's local prefill)
     decode: str
     # per candidate weighed (worker names are unique across pools); empty for round_robin
     costs: dict[str, float] = field(default_factory=dict)
@@ -224,6 +236,10 @@ class CostParts:
     total: float = 0.0
 
     def named(self, pool: str) -> dict[str, float]:
+        if pool == "local":  # D computes the rest of the prompt and decodes; nothing shipped
+            return {"prefill_uncached_tokens": self.uncached_tokens, "prefill_queued_tokens": self.queued_tokens,
+                    "decode_running": self.running, "decode_kv_usage": self.kv_usage, "decode_ship_mib": 0.0,
+                    "local_cost": self.total}
         if pool == "prefill":
             return {"prefill_uncached_tokens": self.uncached_tokens, "prefill_queued_tokens": self.queued_tokens,
                     "prefill_cost": self.total}
@@ -244,6 +260,11 @@ class KVAwarePolicy(PlacementPolicy):
         for good, while a queue drains, so the default is 0.2 (the scale simulator at
         32 workers on the Mooncake trace: 1.0 -> 57% of the one-cache ceiling's hits,
         0.5 -> 72%, 0.2 -> 81%, 0.1 -> 84% at TTFT p90 2.27, 2.18, 2.27, 2.56 s).
+    local_prefill_max_tokens: the most prompt tokens a decode worker may prefill itself
+        (local prefill, module docstring); 0: never. A decode worker computing a prompt
+        delays the tokens of its running batch, so only short rests qualify; 256 tokens
+        is the length of one chat turn's new text with room to spare (the measured
+        multi-turn chat left 20-60 tokens per turn to compute on the decode worker).
     running_weight: prefill-token equivalent of one more sequence on a decode worker.
     kv_usage_weight: prefill-token equivalent of going from an empty to a full KV pool.
     transfer_weight: prefill-token equivalent of shipping one MiB to the decode worker.
@@ -252,15 +273,17 @@ class KVAwarePolicy(PlacementPolicy):
     name = "kv_aware"
 
     def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
-                 transfer_weight: float = 1.0) -> None:
+                 transfer_weight: float = 1.0, local_prefill_max_tokens: int = 256) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
-                     ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight)):
+                     ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight),
+                     ("local_prefill_max_tokens", local_prefill_max_tokens)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
         self.queue_weight = queue_weight
         self.running_weight = running_weight
         self.kv_usage_weight = kv_usage_weight
         self.transfer_weight = transfer_weight
+        self.local_prefill_max_tokens = int(local_prefill_max_tokens)
         self._ties: dict[str, int] = {}  # per pool: rotates which equal-cost worker is preferred
         self._chosen: dict[str, CostParts] = {}
 
@@ -290,7 +313,40 @@ class KVAwarePolicy(PlacementPolicy):
         parts = {}
         for pool, c in self._chosen.items():
             parts.update(c.named(pool))
-        return Placement(p.prefill, p.decode, p.costs, parts)
+        if not prefill_workers or not self.local_prefill_max_tokens:
+            return Placement(p.prefill, p.decode, p.costs, parts)
+        remote = parts["prefill_cost"] + parts["decode_cost"]
+        local = self._local_candidate(request, prefill_workers, decode_workers)
+        if local is None or local[1].total >= remote:
+            return Placement(p.prefill, p.decode, p.costs, {**parts, "local_prefill": 0.0})
+        d, c = local
+        log.debug("local prefill on %s: cost %.1f < remote %s -> %s %.1f", d, c.total, p.prefill, p.decode, remote)
+        return Placement(None, d, {**p.costs, f"{d}/local": c.total}, {**c.named("local"), "local_prefill": 1.0})
+
+    def local_cost(self, request: PlacementRequest, w: WorkerSnapshot) -> CostParts:
+        """``local(D)``: D prefills the rest of the prompt itself, nothing is shipped."""
+        return self.colocated_cost(request, w)
+
+    def _local_candidate(self, request: PlacementRequest, prefill: Sequence[WorkerSnapshot],
+                         decode: Sequence[WorkerSnapshot]) -> tuple[str, CostParts] | None:
+        """The cheapest decode worker allowed to prefill this request itself: up, with
+        room for the blocks it lacks, holding more leading blocks than every up prefill
+        worker, with at most ``local_prefill_max_tokens`` left to compute."""
+        dm, nb = request.decode_match, request.num_prompt_blocks
+        if not dm or request.num_prompt_tokens - max(dm.values()) * request.block_size > self.local_prefill_max_tokens:
+            return None  # no decode worker is close enough (the common case: checked first, O(1))
+        pm = request.prefill_match
+        best_p = max((pm[w.name] for w in prefill if w.up and w.name in pm), default=0)
+        best = None
+        for w in decode:
+            held = dm.get(w.name, 0)
+            if (not w.up or held <= best_p or w.free_blocks < nb - held
+                    or request.uncached_tokens(dm, w.name) > self.local_prefill_max_tokens):
+                continue
+            c = self.local_cost(request, w)
+            if best is None or (c.total, w.name) < (best[1].total, best[0]):
+                best = (w.name, c)
+        return best
 
     def _totals(self, request: PlacementRequest, pool: str) -> Callable[[WorkerSnapshot], float]:
         """The cost's total alone, inlined: this runs for every worker of a 128-worker
@@ -357,6 +413,14 @@ class KVAwarePolicy(PlacementPolicy):
             return best.name
         return self._cheapest(request, roomy, costs, pool)
 
+
+# Every ``part`` label value of the kvrelay_router_placement_cost histogram (Placement.parts).
+COST_PARTS = (
+    "prefill_uncached_tokens", "prefill_queued_tokens", "prefill_cost",  # kv_aware, the chosen P (or D, local)
+    "decode_running", "decode_kv_usage", "decode_ship_mib", "decode_cost",  # kv_aware, the chosen D
+    "local_cost", "local_prefill",  # kv_aware: a local prefill's total; 1 for a local prefill, 0 for a pair
+    "prefill_load", "decode_load",  # least_loaded
+)
 
 POLICIES: dict[str, Callable[..., PlacementPolicy]] = {
     RoundRobinPolicy.name: RoundRobinPolicy,

@@ -189,7 +189,8 @@ class RouterService:
         async for _ in self.cluster.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0), "kvrelay-self-check",
                                               (placement.prefill, placement.decode)):
             pass
-        role, worker = ("colocated", placement.decode) if placement.prefill is None else ("prefill", placement.prefill)
+        role, worker = ((next(r for r in self.indexes if r != "prefill"), placement.decode) if placement.prefill is None
+                        else ("prefill", placement.prefill))
         deadline = time.monotonic() + 10.0
         while True:
             await self.pump_events()
@@ -254,11 +255,14 @@ class RouterService:
         compute_role = decode_role if colocated else "prefill"
         compute_index = self.indexes[compute_role].match(hashes, touch=False).blocks
         decode_index = compute_index if colocated else self.indexes[decode_role].match(hashes, touch=False).blocks
-        compute_match = _longer(compute_index, self.pending_prefixes.match(hashes))
+        pending = self.pending_prefixes.match(hashes)
+        compute_match = _longer(compute_index, pending)
+        # A decode worker's pending prompts are its local prefills (names are unique across pools).
+        decode_match = compute_match if colocated else _longer(decode_index, pending)
         req = PlacementRequest(
             len(prompt), self.block_size,
             prefill_match={} if colocated else compute_match,
-            decode_match=compute_match if colocated else dict(decode_index),
+            decode_match=decode_match,
             block_bytes=0.0 if colocated else self._shipped_block_bytes(compression),
         )
         placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude),
@@ -267,12 +271,13 @@ class RouterService:
             self.metrics.decisions.labels(self.policy_name, worker).inc()
         for part, value in placement.parts.items():
             self.metrics.placement_cost.labels(self.policy_name, part).observe(value)
-        # LRU recency (the index's cap): only the chosen workers' entries are touched
-        compute_worker = placement.decode if colocated else placement.prefill
-        self.indexes[compute_role].touch(compute_worker, hashes, compute_index.get(compute_worker, 0))
-        if not colocated:
-            self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
-        hit = min(compute_match.get(compute_worker, 0) * self.block_size, len(prompt))
+        # LRU recency (the index's cap): only the chosen workers' entries are touched.
+        # No prefill worker: the decode worker computes (colocated, or a local prefill).
+        if placement.prefill is not None:
+            self.indexes["prefill"].touch(placement.prefill, hashes, compute_index.get(placement.prefill, 0))
+        self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
+        held = compute_match if placement.prefill is not None else decode_match
+        hit = min(held.get(placement.prefill or placement.decode, 0) * self.block_size, len(prompt))
         self.metrics.predicted_hit_tokens.inc(hit)
         return placement, hit
 

@@ -186,7 +186,8 @@ def test_queue_weight_is_configurable():
     ],
 )
 def test_kv_aware_decode(case, request_, decode, expected, costs):
-    placement = make_policy("kv_aware").choose(request_, [W("p0")], decode)
+    # the decode half of a (P, D) pair: local prefill off (its own table is below)
+    placement = make_policy("kv_aware", local_prefill_max_tokens=0).choose(request_, [W("p0")], decode)
     assert placement.decode == expected, case
     assert {k: v for k, v in placement.costs.items() if k.startswith("d")} == pytest.approx(costs)
 
@@ -200,8 +201,93 @@ def test_kv_aware_joint_choice_and_its_parts():
     assert got.costs == pytest.approx({"p0": 96, "p1": 0, "d0": 256, "d1": 512 * 0.6 + 10})
     assert got.parts == pytest.approx({
         "prefill_uncached_tokens": 0, "prefill_queued_tokens": 0, "prefill_cost": 0,
-        "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256,
+        "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256, "local_prefill": 0,
     })
+
+
+# ---- kv_aware: local prefill (conditional disaggregation) ----------------------------
+
+# local(D) = uncached on D + 0.2 * queued on D + 16 * (running + waiting) + 512 * kv usage after
+# (nothing shipped); chosen when below the best pair's prefill(P) + decode(D) and when D
+# holds more leading blocks than every up prefill worker with <= 256 tokens left.
+# Prompt 160 tokens = 10 blocks, pools of 100 blocks, 1 MiB a block.
+
+
+@pytest.mark.parametrize(
+    "case, request_, prefill, decode, expected, cost",
+    [
+        (
+            "a chat turn: D generated the last answer, so it holds 9 blocks, P only the 7 of the last prompt",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0"), W("p1")], [W("d0", free=50)],
+            (None, "d0"), 16 + 512 * 0.51,  # remote: 48 + 512 * 0.51 + 1 MiB
+        ),
+        (
+            "P evicted the conversation, D still holds it: D computes the last block instead of P the whole prompt",
+            req(160, {}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", running=1, free=50)],
+            (None, "d0"), 16 + 16 + 512 * 0.51,
+        ),
+        (
+            "D holds no more than P: shipping from P (P's compute is not the decode batch's)",
+            req(160, {"p0": 9}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=50)],
+            ("p0", "d0"), None,
+        ),
+        (
+            "a longer match on a down prefill worker does not count",
+            req(160, {"p0": 9}, {"d0": 8}, block_bytes=MiB),
+            [W("p0", up=False), W("p1")], [W("d0", free=50)],
+            (None, "d0"), 32 + 512 * 0.52,
+        ),
+        (
+            "too much left to compute on D (over 256 tokens): ship from P",
+            req(800, {"p0": 30}, {"d0": 33}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=90)],
+            ("p0", "d0"), None,
+        ),
+        (
+            "D's queue of local prefills counts like a prefill worker's",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=50, queued=400)],
+            ("p0", "d0"), None,  # local 16 + 80 + ... > remote 48 + ... + 1
+        ),
+        (
+            "of two decode workers holding the conversation, the cheaper one prefills",
+            req(160, {"p0": 2}, {"d0": 9, "d1": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", running=3, free=50), W("d1", free=50)],
+            (None, "d1"), 16 + 512 * 0.51,
+        ),
+        (
+            "a decode worker without room for the rest is no candidate",
+            req(160, {"p0": 2}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=0), W("d1", free=50)],
+            ("p0", "d1"), None,
+        ),
+    ],
+)
+def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost):
+    got = make_policy("kv_aware").choose(request_, prefill, decode)
+    assert (got.prefill, got.decode) == expected, case
+    assert got.parts["local_prefill"] == (1.0 if expected[0] is None else 0.0)
+    if cost is not None:
+        assert got.parts["local_cost"] == pytest.approx(cost)
+        assert got.costs[f"{expected[1]}/local"] == pytest.approx(cost)
+        assert got.parts["decode_ship_mib"] == 0
+
+
+def test_local_prefill_can_be_turned_off():
+    r = req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB)
+    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=50)]).prefill is None
+    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=50)]).prefill is None
+
+
+def test_round_robin_and_least_loaded_never_prefill_locally():
+    r = req(160, {}, {"d0": 9}, block_bytes=MiB)
+    for name in ("round_robin", "least_loaded"):
+        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
 
 
 def test_decode_worker_holding_the_prefix_wins_when_the_rest_is_equal():
@@ -239,6 +325,7 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"running_weight": -1},
         {"kv_usage_weight": float("nan")},
         {"transfer_weight": -0.5},
+        {"local_prefill_max_tokens": -1},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
