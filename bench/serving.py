@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-tpot", type=float, default=0.25, help="goodput SLO: TPOT <= this many seconds (default 0.25)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (engine.kv_cache_memory_gb)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="run each workload this many times per server, run i with seed + i (fresh documents / "
-                        "token ids), reported one by one")
+                   help="run each of --repeat-workloads this many times per server, run i with seed + i (fresh "
+                        "documents / token ids), reported one by one")
+    p.add_argument("--repeat-workloads", default="chat", help="which workloads --repeats repeats (default chat)")
     p.add_argument("--workload-param", action="append", default=[], metavar="WL.KEY=VALUE",
                    help="override a workload parameter of the preset, e.g. chat.turns=6 (repeatable)")
     p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
@@ -142,7 +143,8 @@ def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
     out = []
     for key in args.workloads:
         params = {**preset[key], **overrides.get(key, {})}
-        for i in range(args.repeats):
+        repeats = args.repeats if key in args.repeat_workloads.split(",") else 1
+        for i in range(repeats):
             seed = args.seed + i
             if key == "chat":
                 wl = W.multi_turn_chat(seed=seed, **params)
@@ -150,7 +152,7 @@ def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
                 wl = W.shared_system_prompt(seed=seed, **params)
             else:
                 wl = W.mooncake_replay(seed=seed, path=args.trace, **params)
-            if args.repeats > 1:
+            if repeats > 1:
                 wl.name = f"{wl.name}_r{i + 1}"
             out.append(wl)
     return out
