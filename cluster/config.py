@@ -109,6 +109,9 @@ class KVAwareWeights(_Strict):
     # computes the rest itself when at most this many tokens are left and that costs less
     # than the best (P, D) pair; 0 = never (always ship from a prefill worker).
     local_prefill_max_tokens: int = Field(256, ge=0)
+    # A prefill worker's match under this share of the prompt counts as none (a shared
+    # system-prompt header is not a conversation; new conversations spread by load).
+    cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):

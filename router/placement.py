@@ -22,7 +22,9 @@ of transfer.
                + kv_usage_weight * kv_usage_after(D)
                + transfer_weight * ship_mib(D)
 
-    uncached_tokens(P) = prompt_tokens - prefill_match[P] * block_size   (to compute on P)
+    uncached_tokens(P) = prompt_tokens - held(P)                          (to compute on P)
+    held(P)            = prefill_match[P] * block_size, or 0 when that is under
+                         cold_match_share of the prompt (a shared header, not a conversation)
     queued_tokens(P)   = uncached prompt tokens the router already placed on P and
                          whose first token has not come back (work ahead of this one)
     kv_usage_after(D)  = 1 - (free_blocks - missing_blocks(D)) / total_blocks   (0..1)
@@ -51,7 +53,14 @@ answer, while the prefill worker that computed the last prompt holds it only up 
 answer's start (the measured reason kv_aware could not win by much on chat before). Decode candidates without room for the blocks they lack
 (``free_blocks < missing_blocks``) are skipped; if nobody has room, the one with the
 most free blocks is taken (its reserve may still fail and retry). Exact ties rotate
-over the tied workers, so identical cold prompts spread over an idle pool.
+to the worker whose cache holds the fewest blocks (SGLang's "smallest tree"), then
+rotate over the tied workers, so new prefixes spread over the pool.
+
+Why the cold share: every chat conversation starts with the same system-prompt header
+(one block here). Counted as a prefix, it sent each new conversation to the worker that
+served the first one (measured: 5 of 6 conversations on one of two prefill workers,
+bench/chat_diagnosis.py); when the KV holds about half the conversations, that worker
+then evicts its own conversations while the other one idles.
 """
 
 from __future__ import annotations
@@ -260,6 +269,9 @@ class KVAwarePolicy(PlacementPolicy):
         for good, while a queue drains, so the default is 0.2 (the scale simulator at
         32 workers on the Mooncake trace: 1.0 -> 57% of the one-cache ceiling's hits,
         0.5 -> 72%, 0.2 -> 81%, 0.1 -> 84% at TTFT p90 2.27, 2.18, 2.27, 2.56 s).
+    cold_match_share: a prefill worker's match under this share of the prompt counts as
+        no match (module docstring); 0.25 keeps every follow-up turn (which shares most
+        of its prompt with the last one) and drops a shared system-prompt header.
     local_prefill_max_tokens: the most prompt tokens a decode worker may prefill itself
         (local prefill, module docstring); 0: never. A decode worker computing a prompt
         delays the tokens of its running batch, so only short rests qualify; 256 tokens
@@ -273,12 +285,16 @@ class KVAwarePolicy(PlacementPolicy):
     name = "kv_aware"
 
     def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
-                 transfer_weight: float = 1.0, local_prefill_max_tokens: int = 256) -> None:
+                 transfer_weight: float = 1.0, local_prefill_max_tokens: int = 256,
+                 cold_match_share: float = 0.25) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
                      ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight),
-                     ("local_prefill_max_tokens", local_prefill_max_tokens)):
+                     ("local_prefill_max_tokens", local_prefill_max_tokens), ("cold_match_share", cold_match_share)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
+        if cold_match_share > 1:
+            raise ValueError(f"cold_match_share must be in [0, 1], got {cold_match_share}")
+        self.cold_match_share = cold_match_share
         self.queue_weight = queue_weight
         self.running_weight = running_weight
         self.kv_usage_weight = kv_usage_weight
@@ -289,8 +305,15 @@ class KVAwarePolicy(PlacementPolicy):
 
     # ---- the named cost -----------------------------------------------------------------
 
+    def held_tokens(self, request: PlacementRequest, match: Mapping[str, int], worker: str) -> int:
+        """Prompt tokens ``worker`` holds as far as the cost is concerned: its match, or 0
+        when that is under ``cold_match_share`` of the prompt."""
+        held = min(match.get(worker, 0) * request.block_size, request.num_prompt_tokens)
+        return held if held and held >= self.cold_match_share * request.num_prompt_tokens else 0
+
     def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None) -> CostParts:
-        uncached = request.uncached_tokens(request.prefill_match if match is None else match, w.name)
+        match = request.prefill_match if match is None else match
+        uncached = request.num_prompt_tokens - self.held_tokens(request, match, w.name)
         queued = self.queue_weight * w.queued_tokens
         return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued)
 
@@ -353,9 +376,15 @@ class KVAwarePolicy(PlacementPolicy):
         pool on every request (``prefill_cost`` / ``decode_cost`` give the parts)."""
         tokens, bs, nb = request.num_prompt_tokens, request.block_size, request.num_prompt_blocks
         qw, rw, kw = self.queue_weight, self.running_weight, self.kv_usage_weight
+        cold = self.cold_match_share * tokens  # fewer held tokens than this count as none
+
+        def uncached(held_blocks: int) -> float:
+            held = min(held_blocks * bs, tokens)
+            return tokens - held if held and held >= cold else tokens
+
         if pool == "prefill":
             pm = request.prefill_match
-            return lambda w: max(0, tokens - pm.get(w.name, 0) * bs) + qw * w.queued_tokens
+            return lambda w: uncached(pm.get(w.name, 0)) + qw * w.queued_tokens
         dm = request.decode_match
         tw = self.transfer_weight * request.block_bytes / 2**20 if pool != "colocated" else 0.0
 
@@ -364,7 +393,7 @@ class KVAwarePolicy(PlacementPolicy):
             missing = max(0, nb - held)
             total = rw * (w.running + w.waiting) + kw * (1.0 - (w.free_blocks - missing) / w.total_blocks) + tw * missing
             if pool == "colocated":
-                total += max(0, tokens - held * bs) + qw * w.queued_tokens
+                total += uncached(held) + qw * w.queued_tokens
             return total
 
         return decode
@@ -375,7 +404,6 @@ class KVAwarePolicy(PlacementPolicy):
         return self.colocated_cost(request, w) if pool == "colocated" else self.decode_cost(request, w)
 
     def _cheapest(self, request: PlacementRequest, workers: list[WorkerSnapshot], costs: dict[str, float], pool: str) -> str:
-        turn = self._ties[pool] = self._ties.get(pool, 0) + 1
         total = self._totals(request, pool)
         lowest, tied = math.inf, []
         for w in workers:
@@ -384,10 +412,16 @@ class KVAwarePolicy(PlacementPolicy):
                 lowest, tied = c, [w]
             elif c == lowest:
                 tied.append(w)
-        # exact ties (identical cold prompts on an idle pool) rotate over the tied
-        # workers in name order, so new prefixes spread over the pool
-        tied.sort(key=lambda w: w.name)
-        best = tied[turn % len(tied)]
+        # exact ties (cold prompts on an idle pool): the fewest cached blocks, then
+        # rotate over the still tied workers in name order (the turn advances on ties
+        # only), so new prefixes spread over the pool
+        if len(tied) > 1:
+            fewest = min(w.cached_blocks for w in tied)
+            tied = sorted((w for w in tied if w.cached_blocks == fewest), key=lambda w: w.name)
+            turn = self._ties[pool] = self._ties.get(pool, -1) + 1
+            best = tied[turn % len(tied)]
+        else:
+            best = tied[0]
         if log.isEnabledFor(logging.DEBUG):
             for w in workers:
                 p = self._parts(request, pool, w)

@@ -46,10 +46,24 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
         ("long prefix wins at equal queues", req(160, {"p0": 8}), [W("p0"), W("p1")], "p0", {"p0": 32, "p1": 160}),
         (
             "queued work outweighs a short prefix",
-            req(160, {"p0": 2}),
-            [W("p0", queued=200), W("p1")],
+            req(160, {"p0": 3}),
+            [W("p0", queued=300), W("p1")],
             "p1",
-            {"p0": 128 + 40, "p1": 160},
+            {"p0": 112 + 60, "p1": 160},
+        ),
+        (
+            "a match under a quarter of the prompt (a shared header) is no prefix",
+            req(160, {"p0": 2}),
+            [W("p0", queued=10), W("p1")],
+            "p1",
+            {"p0": 160 + 2, "p1": 160},
+        ),
+        (
+            "a quarter of the prompt is",
+            req(256, {"p0": 4}),
+            [W("p0", queued=10), W("p1")],
+            "p0",
+            {"p0": 192 + 2, "p1": 256},
         ),
         (
             "a long prefix is worth waiting behind less work than it saves",
@@ -326,6 +340,7 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"kv_usage_weight": float("nan")},
         {"transfer_weight": -0.5},
         {"local_prefill_max_tokens": -1},
+        {"cold_match_share": 1.5},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
@@ -445,11 +460,25 @@ def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
     pool = [W("p0"), W("p1")]
     chosen = [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(4)]
     assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
-    # a shared 1-block header saves 16 tokens: 81 queued tokens (x 0.2) undo it
-    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=81), W("p1")], [W("d0")]).prefill == "p1"
-    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=79), W("p1")], [W("d0")]).prefill == "p0"
     # a real prefix wins, every time
     assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}
+    # the decisions in between did not advance the rotation: it goes on where it stopped
+    assert [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(2)] == chosen[:2]
+
+
+def test_new_conversations_sharing_a_header_spread():
+    """Every conversation starts with the same 1-block system header. Counted as a
+    prefix, it sent each new conversation to the worker holding the first one (the
+    measured 5-of-6 imbalance); under cold_match_share it is no prefix, and new
+    conversations go where the fewest blocks are cached, then alternate."""
+    policy = make_policy("kv_aware")
+    fuller, emptier = WorkerSnapshot("p0", 0, 0, 100, 100, cached_blocks=40), WorkerSnapshot("p1", 0, 0, 100, 100, cached_blocks=10)
+    assert policy.choose(req(272, {"p0": 1}), [fuller, emptier], DEC).prefill == "p1"
+    chosen = [policy.choose(req(272, {"p0": 1}), [W("p0"), W("p1")], DEC).prefill for _ in range(4)]
+    assert sorted(chosen) == ["p0", "p0", "p1", "p1"] and chosen[0] != chosen[1]
+    # with the header counted (cold_match_share 0), every one goes to p0
+    counting = make_policy("kv_aware", cold_match_share=0.0)
+    assert {counting.choose(req(272, {"p0": 1}), [W("p0"), W("p1")], DEC).prefill for _ in range(4)} == {"p0"}
 
 
 def test_least_loaded_reports_its_parts():
