@@ -233,14 +233,14 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "a chat turn: D generated the last answer, so it holds 9 blocks, P only the 7 of the last prompt",
             req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
-            [W("p0"), W("p1")], [W("d0", free=50)],
-            (None, "d0"), 16 + 512 * 0.51,  # remote: 48 + 512 * 0.51 + 1 MiB
+            [W("p0"), W("p1")], [W("d0", free=60)],
+            (None, "d0"), 16 + 512 * 0.41,  # remote: 48 + 512 * 0.41 + 1 MiB
         ),
         (
             "P evicted the conversation, D still holds it: D computes the last block instead of P the whole prompt",
             req(160, {}, {"d0": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", running=1, free=50)],
-            (None, "d0"), 16 + 16 + 512 * 0.51,
+            [W("p0")], [W("d0", running=1, free=60)],
+            (None, "d0"), 16 + 16 + 512 * 0.41,
         ),
         (
             "D holds no more than P: shipping from P (P's compute is not the decode batch's)",
@@ -251,8 +251,8 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "a longer match on a down prefill worker does not count",
             req(160, {"p0": 9}, {"d0": 8}, block_bytes=MiB),
-            [W("p0", up=False), W("p1")], [W("d0", free=50)],
-            (None, "d0"), 32 + 512 * 0.52,
+            [W("p0", up=False), W("p1")], [W("d0", free=60)],
+            (None, "d0"), 32 + 512 * 0.42,
         ),
         (
             "too much left to compute on D (over 256 tokens): ship from P",
@@ -263,14 +263,20 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "D's queue of local prefills counts like a prefill worker's",
             req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", free=50, queued=400)],
+            [W("p0")], [W("d0", free=60, queued=400)],
             ("p0", "d0"), None,  # local 16 + 80 + ... > remote 48 + ... + 1
         ),
         (
             "of two decode workers holding the conversation, the cheaper one prefills",
             req(160, {"p0": 2}, {"d0": 9, "d1": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", running=3, free=50), W("d1", free=50)],
-            (None, "d1"), 16 + 512 * 0.51,
+            [W("p0")], [W("d0", running=3, free=60), W("d1", free=60)],
+            (None, "d1"), 16 + 512 * 0.41,
+        ),
+        (
+            "a decode worker over half full afterwards is no candidate (its cached prefix would be evicted first)",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=45)],
+            ("p0", "d0"), None,  # usage after 1 - 44/100 = 0.56
         ),
         (
             "a decode worker without room for the rest is no candidate",
@@ -292,16 +298,16 @@ def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost)
 
 def test_local_prefill_can_be_turned_off():
     r = req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB)
-    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=50)]).prefill is None
-    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
-    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
-    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=50)]).prefill is None
+    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=60)]).prefill is None
+    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=60)]).prefill is None
 
 
 def test_round_robin_and_least_loaded_never_prefill_locally():
     r = req(160, {}, {"d0": 9}, block_bytes=MiB)
     for name in ("round_robin", "least_loaded"):
-        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=50)]).prefill == "p0"
+        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
 
 
 def test_decode_worker_holding_the_prefix_wins_when_the_rest_is_equal():
@@ -341,6 +347,7 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"transfer_weight": -0.5},
         {"local_prefill_max_tokens": -1},
         {"cold_match_share": 1.5},
+        {"local_prefill_max_kv_usage": -0.1},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
