@@ -66,7 +66,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "configs": list(CONFIGS),
-        "chat": dict(conversations=4, turns=3, doc_words=200, max_tokens=24, rate_per_s=0.5, think_s=0.5),
+        "chat": dict(conversations=6, turns=10, doc_words=200, max_tokens=24, rate_per_s=0.5, think_s=0.5),
         "shared": dict(requests=16, system_words=350, max_tokens=16, rate_per_s=1.0),
         "trace": dict(requests=24, select="conversations", max_turns=4, input_scale=32, max_input_tokens=512,
                       max_output_tokens=16, time_scale=0.05),
