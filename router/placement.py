@@ -382,32 +382,30 @@ class KVAwarePolicy(PlacementPolicy):
                 best = (w.name, c)
         return best
 
-    def _totals(self, request: PlacementRequest, pool: str) -> Callable[[WorkerSnapshot], float]:
-        """The cost's total alone, inlined: this runs for every worker of a 128-worker
-        pool on every request (``prefill_cost`` / ``decode_cost`` give the parts)."""
+    def _totals(self, request: PlacementRequest, pool: str, workers: Sequence[WorkerSnapshot]) -> list[float]:
+        """The cost's total alone for every worker, inlined in comprehensions: this runs
+        for every worker of a 128-worker pool on every request (``prefill_cost`` /
+        ``decode_cost`` give the parts; the unit tests hold the two equal)."""
         tokens, bs, nb = request.num_prompt_tokens, request.block_size, request.num_prompt_blocks
         qw, rw, kw = self.queue_weight, self.running_weight, self.kv_usage_weight
         cold = self.cold_match_share * tokens  # fewer held tokens than this count as none
-
-        def uncached(held_blocks: int) -> float:
-            held = min(held_blocks * bs, tokens)
-            return tokens - held if held and held >= cold else tokens
-
         if pool == "prefill":
-            pm = request.prefill_match
-            return lambda w: uncached(pm.get(w.name, 0)) + qw * w.queued_tokens
+            # held tokens per worker that holds any (the match lists only those)
+            held = {n: h for n, b in request.prefill_match.items() if (h := min(b * bs, tokens)) and h >= cold}
+            if not held:
+                return [tokens + qw * w.queued_tokens for w in workers]
+            get = held.get
+            return [tokens - get(w.name, 0) + qw * w.queued_tokens for w in workers]
         dm = request.decode_match
+        get = dm.get
         tw = self.transfer_weight * request.block_bytes / 2**20 if pool != "colocated" else 0.0
-
-        def decode(w: WorkerSnapshot) -> float:
-            held = dm.get(w.name, 0)
-            missing = max(0, nb - held)
-            total = rw * (w.running + w.waiting) + kw * (1.0 - (w.free_blocks - missing) / w.total_blocks) + tw * missing
-            if pool == "colocated":
-                total += uncached(held) + qw * w.queued_tokens
-            return total
-
-        return decode
+        out = [rw * (w.running + w.waiting) + kw * (1.0 - (w.free_blocks - (m := max(0, nb - get(w.name, 0)))) / w.total_blocks)
+               + tw * m for w in workers]
+        if pool == "colocated":
+            for i, w in enumerate(workers):
+                h = min(get(w.name, 0) * bs, tokens)
+                out[i] += (tokens - h if h and h >= cold else tokens) + qw * w.queued_tokens
+        return out
 
     def _parts(self, request: PlacementRequest, pool: str, w: WorkerSnapshot) -> CostParts:
         if pool == "prefill":
@@ -415,14 +413,10 @@ class KVAwarePolicy(PlacementPolicy):
         return self.colocated_cost(request, w) if pool == "colocated" else self.decode_cost(request, w)
 
     def _cheapest(self, request: PlacementRequest, workers: list[WorkerSnapshot], costs: dict[str, float], pool: str) -> str:
-        total = self._totals(request, pool)
-        lowest, tied = math.inf, []
-        for w in workers:
-            c = costs[w.name] = total(w)
-            if c < lowest:
-                lowest, tied = c, [w]
-            elif c == lowest:
-                tied.append(w)
+        totals = self._totals(request, pool, workers)
+        costs.update(zip([w.name for w in workers], totals))
+        lowest = min(totals)
+        tied = [w for w, c in zip(workers, totals) if c == lowest]
         # exact ties (cold prompts on an idle pool): the fewest cached blocks, then
         # rotate over the still tied workers in name order (the turn advances on ties
         # only), so new prefixes spread over the pool
