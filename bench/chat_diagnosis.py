@@ -154,15 +154,18 @@ def summarize(res: dict[str, Any]) -> str:
                  f"prompt {s['prompt_tokens']}, blocks removed {s['blocks_removed']}, recomputes {s['kv_recomputes']}")
     bs = 16
     computed = sum(s["prefill_computed_tokens"] for s in res["workers"].values())
-    predicted = sum(min(r["prefill_match"].get(r["prefill"], 0) * bs, r["prompt"]) for r in recs if r["prefill"])
+    # the chosen compute worker's match: the prefill worker's, or the decode worker's for a local prefill
+    predicted = sum(min((r["prefill_match"].get(r["prefill"], 0) if r["prefill"] else r["decode_match"].get(r["decode"], 0))
+                        * bs, r["prompt"]) for r in recs)
     realized = sum(r["cached"] for r in recs)
     best = sum(max(r["prefill_match"].values(), default=0) * bs for r in recs)
     dmore = sum(max(0, r["decode_match"].get(r["decode"], 0) - r["prefill_match"].get(r["prefill"], 0)) * bs
                 for r in recs if r["prefill"])
     follow = [r for r in recs if r["turn"] > 0]
     L.append(f"  prefill computed total {computed}; predicted hits {predicted}, realized {realized}, best P's match {best}")
-    L.append(f"  follow-up turns on their previous turn's P: {sum(r['same_p_as_last_turn'] for r in follow)}/{len(follow)}")
-    L.append(f"  tokens the decode worker held beyond the chosen P's match: {dmore}")
+    L.append(f"  follow-up turns on their previous turn's P: {sum(r['same_p_as_last_turn'] for r in follow)}/{len(follow)}; "
+             f"local prefills on the decode worker: {sum(1 for r in recs if r['prefill'] is None)}/{len(recs)}")
+    L.append(f"  tokens the decode worker held beyond the chosen P's match (pairs only): {dmore}")
     ttfts = sorted(r["ttft"] for r in recs if r["ttft"] is not None)
     if ttfts:
         L.append(f"  TTFT p50 {ttfts[len(ttfts) // 2]:.2f}s p90 {ttfts[int(0.9 * (len(ttfts) - 1))]:.2f}s")
