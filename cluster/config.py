@@ -111,7 +111,7 @@ class KVAwareWeights(_Strict):
     local_prefill_max_tokens: int = Field(256, ge=0)
     # ... and only while its KV pool is at most this full afterwards (under pressure the
     # prefix it holds is evicted before the request runs).
-    local_prefill_max_kv_usage: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+    local_prefill_max_kv_usage: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
     # A prefill worker's match under this share of the prompt counts as none (a shared
     # system-prompt header is not a conversation; new conversations spread by load).
     cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)

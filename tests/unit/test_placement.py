@@ -223,7 +223,8 @@ def test_kv_aware_joint_choice_and_its_parts():
 
 # local(D) = uncached on D + 0.2 * queued on D + 16 * (running + waiting) + 512 * kv usage after
 # (nothing shipped); chosen when below the best pair's prefill(P) + decode(D) and when D
-# holds more leading blocks than every up prefill worker with <= 256 tokens left.
+# holds more leading blocks than every up prefill worker with <= 256 tokens left and at
+# most a quarter of its KV in use afterwards.
 # Prompt 160 tokens = 10 blocks, pools of 100 blocks, 1 MiB a block.
 
 
@@ -233,14 +234,14 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "a chat turn: D generated the last answer, so it holds 9 blocks, P only the 7 of the last prompt",
             req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
-            [W("p0"), W("p1")], [W("d0", free=60)],
-            (None, "d0"), 16 + 512 * 0.41,  # remote: 48 + 512 * 0.41 + 1 MiB
+            [W("p0"), W("p1")], [W("d0", free=80)],
+            (None, "d0"), 16 + 512 * 0.21,  # remote: 48 + 512 * 0.21 + 1 MiB
         ),
         (
             "P evicted the conversation, D still holds it: D computes the last block instead of P the whole prompt",
             req(160, {}, {"d0": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", running=1, free=60)],
-            (None, "d0"), 16 + 16 + 512 * 0.41,
+            [W("p0")], [W("d0", running=1, free=80)],
+            (None, "d0"), 16 + 16 + 512 * 0.21,
         ),
         (
             "D holds no more than P: shipping from P (P's compute is not the decode batch's)",
@@ -251,8 +252,8 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "a longer match on a down prefill worker does not count",
             req(160, {"p0": 9}, {"d0": 8}, block_bytes=MiB),
-            [W("p0", up=False), W("p1")], [W("d0", free=60)],
-            (None, "d0"), 32 + 512 * 0.42,
+            [W("p0", up=False), W("p1")], [W("d0", free=80)],
+            (None, "d0"), 32 + 512 * 0.22,
         ),
         (
             "too much left to compute on D (over 256 tokens): ship from P",
@@ -263,20 +264,20 @@ def test_kv_aware_joint_choice_and_its_parts():
         (
             "D's queue of local prefills counts like a prefill worker's",
             req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", free=60, queued=400)],
+            [W("p0")], [W("d0", free=80, queued=400)],
             ("p0", "d0"), None,  # local 16 + 80 + ... > remote 48 + ... + 1
         ),
         (
             "of two decode workers holding the conversation, the cheaper one prefills",
             req(160, {"p0": 2}, {"d0": 9, "d1": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", running=3, free=60), W("d1", free=60)],
-            (None, "d1"), 16 + 512 * 0.41,
+            [W("p0")], [W("d0", running=3, free=80), W("d1", free=80)],
+            (None, "d1"), 16 + 512 * 0.21,
         ),
         (
-            "a decode worker over half full afterwards is no candidate (its cached prefix would be evicted first)",
+            "a decode worker over a quarter full afterwards is no candidate (its cached prefix may be evicted first)",
             req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
-            [W("p0")], [W("d0", free=45)],
-            ("p0", "d0"), None,  # usage after 1 - 44/100 = 0.56
+            [W("p0")], [W("d0", free=70)],
+            ("p0", "d0"), None,  # usage after 1 - 69/100 = 0.31
         ),
         (
             "a decode worker without room for the rest is no candidate",
@@ -298,16 +299,16 @@ def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost)
 
 def test_local_prefill_can_be_turned_off():
     r = req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB)
-    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=60)]).prefill is None
-    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
-    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
-    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=60)]).prefill is None
+    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
+    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
 
 
 def test_round_robin_and_least_loaded_never_prefill_locally():
     r = req(160, {}, {"d0": 9}, block_bytes=MiB)
     for name in ("round_robin", "least_loaded"):
-        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=60)]).prefill == "p0"
+        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
 
 
 def test_decode_worker_holding_the_prefix_wins_when_the_rest_is_equal():
