@@ -115,6 +115,9 @@ class KVAwareWeights(_Strict):
     # A prefill worker's match under this share of the prompt counts as none (a shared
     # system-prompt header is not a conversation; new conversations spread by load).
     cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    # A prompt no prefill worker holds also pays this per prompt token placed on the
+    # worker lately (decayed): new conversations spread by the live prefix each caches.
+    footprint_weight: float = Field(0.02, ge=0, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):

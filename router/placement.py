@@ -25,6 +25,10 @@ of transfer.
     uncached_tokens(P) = prompt_tokens - held(P)                          (to compute on P)
     held(P)            = prefill_match[P] * block_size, or 0 when that is under
                          cold_match_share of the prompt (a shared header, not a conversation)
+
+    A cold prompt (held(P) = 0 on every prefill worker) also pays
+    footprint_weight * recent_tokens(P): the prompt tokens the router placed on P lately
+    (decayed), so new conversations go where the least live prefix is cached.
     queued_tokens(P)   = uncached prompt tokens the router already placed on P and
                          whose first token has not come back (work ahead of this one)
     kv_usage_after(D)  = 1 - (free_blocks - missing_blocks(D)) / total_blocks   (0..1)
@@ -60,7 +64,10 @@ Why the cold share: every chat conversation starts with the same system-prompt h
 (one block here). Counted as a prefix, it sent each new conversation to the worker that
 served the first one (measured: 5 of 6 conversations on one of two prefill workers,
 bench/chat_diagnosis.py); when the KV holds about half the conversations, that worker
-then evicts its own conversations while the other one idles.
+then evicts its own conversations while the other one idles. Without the header, a new
+conversation went by load alone, and 4 of 6 could still land on one worker (measured
+with caches full of earlier conversations, where the fewest-cached-blocks tie-break
+sees no difference); hence the footprint term for cold prompts.
 """
 
 from __future__ import annotations
@@ -94,9 +101,12 @@ class WorkerSnapshot:
     # Uncached prompt tokens the router placed here whose first token has not come back
     # (prefill side; the router knows them because it placed them).
     queued_tokens: int = 0
+    # Prompt tokens the router placed here lately (exponentially decayed): how much live
+    # prefix this worker's cache serves, which new (cold) prompts are balanced on.
+    recent_tokens: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens) < 0 or self.total_blocks <= 0:
+        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens, self.recent_tokens) < 0 or self.total_blocks <= 0:
             raise ValueError(f"bad worker snapshot {self}")
 
     @property
@@ -272,6 +282,11 @@ class KVAwarePolicy(PlacementPolicy):
     cold_match_share: a prefill worker's match under this share of the prompt counts as
         no match (module docstring); 0.25 keeps every follow-up turn (which shares most
         of its prompt with the last one) and drops a shared system-prompt header.
+    footprint_weight: for a cold prompt, prefill-token equivalent of one prompt token
+        placed on the worker lately (``recent_tokens``, decayed by the router). 0.02: in
+        the measured chat a live conversation adds about 4,000 decayed tokens, so one
+        conversation more outweighs ~400 queued tokens (x 0.2), while a prompt anybody
+        holds is never moved by it.
     local_prefill_max_tokens: the most prompt tokens a decode worker may prefill itself
         (local prefill, module docstring); 0: never. A decode worker computing a prompt
         delays the tokens of its running batch, so only short rests qualify; 256 tokens
@@ -297,16 +312,19 @@ class KVAwarePolicy(PlacementPolicy):
 
     def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
                  transfer_weight: float = 1.0, local_prefill_max_tokens: int = 256,
-                 local_prefill_max_kv_usage: float = 0.25, cold_match_share: float = 0.25) -> None:
+                 local_prefill_max_kv_usage: float = 0.25, cold_match_share: float = 0.25,
+                 footprint_weight: float = 0.02) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
                      ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight),
-                     ("local_prefill_max_tokens", local_prefill_max_tokens), ("cold_match_share", cold_match_share)):
+                     ("local_prefill_max_tokens", local_prefill_max_tokens), ("cold_match_share", cold_match_share),
+                     ("footprint_weight", footprint_weight)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
         for k, v in (("cold_match_share", cold_match_share), ("local_prefill_max_kv_usage", local_prefill_max_kv_usage)):
             if not (math.isfinite(v) and 0 <= v <= 1):
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
         self.local_prefill_max_kv_usage = local_prefill_max_kv_usage
+        self.footprint_weight = footprint_weight
         self.cold_match_share = cold_match_share
         self.queue_weight = queue_weight
         self.running_weight = running_weight
@@ -324,11 +342,14 @@ class KVAwarePolicy(PlacementPolicy):
         held = min(match.get(worker, 0) * request.block_size, request.num_prompt_tokens)
         return held if held and held >= self.cold_match_share * request.num_prompt_tokens else 0
 
-    def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None) -> CostParts:
+    def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None,
+                     cold: bool = False) -> CostParts:
+        """``cold``: no prefill worker holds the prompt (the footprint term applies)."""
         match = request.prefill_match if match is None else match
         uncached = request.num_prompt_tokens - self.held_tokens(request, match, w.name)
         queued = self.queue_weight * w.queued_tokens
-        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued)
+        footprint = self.footprint_weight * w.recent_tokens if cold else 0.0
+        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued + footprint)
 
     def decode_cost(self, request: PlacementRequest, w: WorkerSnapshot, ship: bool = True) -> CostParts:
         missing = request.missing_blocks(request.decode_match, w.name)
@@ -397,8 +418,9 @@ class KVAwarePolicy(PlacementPolicy):
         if pool == "prefill":
             # held tokens per worker that holds any (the match lists only those)
             held = {n: h for n, b in request.prefill_match.items() if (h := min(b * bs, tokens)) and h >= cold}
-            if not held:
-                return [tokens + qw * w.queued_tokens for w in workers]
+            if not held:  # a cold prompt: balanced on the workers' recent prompt tokens too
+                fw = self.footprint_weight
+                return [tokens + qw * w.queued_tokens + fw * w.recent_tokens for w in workers]
             get = held.get
             return [tokens - get(w.name, 0) + qw * w.queued_tokens for w in workers]
         dm = request.decode_match
@@ -414,7 +436,8 @@ class KVAwarePolicy(PlacementPolicy):
 
     def _parts(self, request: PlacementRequest, pool: str, w: WorkerSnapshot) -> CostParts:
         if pool == "prefill":
-            return self.prefill_cost(request, w)
+            cold = not any(self.held_tokens(request, request.prefill_match, n) for n in request.prefill_match)
+            return self.prefill_cost(request, w, cold=cold)
         return self.colocated_cost(request, w) if pool == "colocated" else self.decode_cost(request, w)
 
     def _cheapest(self, request: PlacementRequest, workers: list[WorkerSnapshot], costs: dict[str, float], pool: str) -> str:

@@ -349,6 +349,7 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"local_prefill_max_tokens": -1},
         {"cold_match_share": 1.5},
         {"local_prefill_max_kv_usage": -0.1},
+        {"footprint_weight": -1},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
@@ -472,6 +473,26 @@ def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
     assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}
     # the decisions in between did not advance the rotation: it goes on where it stopped
     assert [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(2)] == chosen[:2]
+
+
+def test_cold_prompts_balance_on_recent_tokens():
+    """A prompt nobody holds pays footprint_weight (0.02) per prompt token placed on the
+    worker lately: a new conversation goes where less live prefix is cached, even
+    behind some queued work; a prompt a worker holds ignores the term."""
+    policy = make_policy("kv_aware")
+
+    def P(name, queued=0, recent=0.0):
+        return WorkerSnapshot(name, 0, 0, 100, 100, queued_tokens=queued, recent_tokens=recent)
+
+    busy_cache, quiet_cache = P("p0", recent=16000.0), P("p1", queued=300, recent=8000.0)
+    got = policy.choose(req(272, {"p0": 1}), [busy_cache, quiet_cache], DEC)  # a header is no prefix: cold
+    assert got.prefill == "p1"
+    assert got.costs == pytest.approx({"p0": 272 + 320, "p1": 272 + 60 + 160, "d0": got.costs["d0"]})
+    assert got.parts["prefill_cost"] == pytest.approx(272 + 60 + 160)
+    # a held prompt is placed by its prefix; the footprint plays no part
+    warm = policy.choose(req(272, {"p0": 10}), [busy_cache, quiet_cache], DEC)
+    assert warm.prefill == "p0" and warm.costs["p0"] == pytest.approx(272 - 160)
+    assert make_policy("kv_aware", footprint_weight=0.0).choose(req(272), [busy_cache, quiet_cache], DEC).prefill == "p0"
 
 
 def test_new_conversations_sharing_a_header_spread():
