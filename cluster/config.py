@@ -108,7 +108,7 @@ class KVAwareWeights(_Strict):
     # Local prefill: a decode worker holding more of the prompt than every prefill worker
     # computes the rest itself when at most this many tokens are left and that costs less
     # than the best (P, D) pair; 0 = never (always ship from a prefill worker).
-    local_prefill_max_tokens: int = Field(256, ge=0)
+    local_prefill_max_tokens: int = Field(0, ge=0)  # off by default: see router/placement.py
     # ... and only while its KV pool is at most this full afterwards (under pressure the
     # prefix it holds is evicted before the request runs).
     local_prefill_max_kv_usage: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)

@@ -119,7 +119,8 @@ def test_local_prefill_runs_on_the_decode_worker_with_the_same_tokens(router, to
         return router.run(go(), 180)
 
     # this fixture's decode pool is small (56 blocks): the KV-usage bound is lifted here
-    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware", local_prefill_max_kv_usage=1.0)
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware", local_prefill_max_tokens=256,
+                                                      local_prefill_max_kv_usage=1.0)
     first = tokenizer.encode("[local prefill] " + long_text(700))
     _, answer = ask(first)
     follow = first + answer + tokenizer.encode(" Go on, briefly.")

@@ -288,7 +288,7 @@ def test_kv_aware_joint_choice_and_its_parts():
     ],
 )
 def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost):
-    got = make_policy("kv_aware").choose(request_, prefill, decode)
+    got = make_policy("kv_aware", local_prefill_max_tokens=256).choose(request_, prefill, decode)
     assert (got.prefill, got.decode) == expected, case
     assert got.parts["local_prefill"] == (1.0 if expected[0] is None else 0.0)
     if cost is not None:
@@ -299,7 +299,9 @@ def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost)
 
 def test_local_prefill_can_be_turned_off():
     r = req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB)
-    assert make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
+    assert make_policy("kv_aware", local_prefill_max_tokens=256).choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
+    off = make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=80)])  # off by default
+    assert off.prefill == "p0" and off.parts["local_prefill"] == 0
     assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
     assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
     assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
