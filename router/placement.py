@@ -44,7 +44,8 @@ conversation's later turns land where both its prefill cache and its decode page
 Colocated mode scores one pool with ``prefill(W) + decode(W)`` minus the transfer term
 (nothing is shipped).
 
-**Local prefill** (conditional disaggregation, as Dynamo and vLLM do it): a decode
+**Local prefill** (conditional disaggregation, as Dynamo and vLLM do it; off unless
+``local_prefill_max_tokens`` > 0, see the weights below): a decode
 worker D that holds more of the prompt than any prefill worker, with at most
 ``local_prefill_max_tokens`` of it left to compute, may prefill the rest itself::
 
