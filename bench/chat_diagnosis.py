@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="run the workload this many times on the same workers "
+                   "(repeat i: seed + i), as bench/serving.py --repeats does")
     p.add_argument("--out", default=None, help="write every decision record here (JSON)")
     return p.parse_args(argv)
 
@@ -99,15 +101,26 @@ async def run(args) -> dict[str, Any]:
         return placement
 
     svc.policy.choose = recording
+    runs = []
+    for r in range(args.repeats):  # on the same workers: a later repeat starts with full caches
+        runs.append(await one_run(svc, args, args.seed + r, seen, removed))
+    await svc.stop()
+    if args.repeats == 1:
+        return runs[0]
+    return {"args": vars(args), "repeats": runs}
+
+
+async def one_run(svc: RouterService, args, seed: int, seen: dict, removed: dict) -> dict[str, Any]:
+    removed0 = dict(removed)
     stats0 = {f"{s['role']}-{s['index']}": s for s in await svc.cluster.worker_stats()}
-    starts = poisson_arrivals(args.conversations, args.rate, seed=args.seed + 11)
+    starts = poisson_arrivals(args.conversations, args.rate, seed=seed + 11)
     records: list[dict[str, Any]] = []
     bs = svc.block_size
     t0 = time.monotonic()
 
     async def conversation(c: int) -> None:
         await asyncio.sleep(starts[c])
-        rng = random.Random(f"chat-{args.seed}-{c}")
+        rng = random.Random(f"chat-{seed}-{c}")
         system = ("You are a helpful assistant. Answer briefly, using only the document below.\n\n"
                   f"Document {c + 1}:\n{words(rng, args.doc_words)}")
         messages = [{"role": "system", "content": system}]
@@ -137,13 +150,12 @@ async def run(args) -> dict[str, Any]:
     wall = time.monotonic() - t0
     await asyncio.sleep(1.5)
     stats1 = {f"{s['role']}-{s['index']}": s for s in await svc.cluster.worker_stats()}
-    await svc.stop()
     per_worker = {w: {k: stats1[w][k] - stats0[w].get(k, 0) for k in
                       ("prefill_computed_tokens", "prefix_cache_hit_tokens", "prompt_tokens", "kv_recomputes")}
                   for w in stats1}
     for w in per_worker:
-        per_worker[w]["blocks_removed"] = removed.get(w, 0)
-    return {"args": vars(args), "wall_s": wall, "workers": per_worker, "records": records}
+        per_worker[w]["blocks_removed"] = removed.get(w, 0) - removed0.get(w, 0)
+    return {"args": {**vars(args), "seed": seed}, "wall_s": wall, "workers": per_worker, "records": records}
 
 
 def summarize(res: dict[str, Any]) -> str:
@@ -184,7 +196,8 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-    print(summarize(res))
+    for r in res.get("repeats", [res]):
+        print(summarize(r))
     return 0
 
 
