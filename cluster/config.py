@@ -106,6 +106,19 @@ class KVAwareWeights(_Strict):
     running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
     kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
     transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D
+    # Local prefill: a decode worker holding more of the prompt than every prefill worker
+    # computes the rest itself when at most this many tokens are left and that costs less
+    # than the best (P, D) pair; 0 = never (always ship from a prefill worker).
+    local_prefill_max_tokens: int = Field(0, ge=0)  # off by default: see router/placement.py
+    # ... and only while its KV pool is at most this full afterwards (under pressure the
+    # prefix it holds is evicted before the request runs).
+    local_prefill_max_kv_usage: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    # A prefill worker's match under this share of the prompt counts as none (a shared
+    # system-prompt header is not a conversation; new conversations spread by load).
+    cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    # A prompt no prefill worker holds also pays this per prompt token placed on the
+    # worker lately (decayed): new conversations spread by the live prefix each caches.
+    footprint_weight: float = Field(0.02, ge=0, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):

@@ -63,8 +63,9 @@ def router(ray_runtime):
 
 
 def _computed(r: RouterRunning) -> dict[str, int]:
+    """Prompt tokens each worker has computed, decode workers included (local prefills)."""
     stats = r.run(r.service.cluster.worker_stats())
-    return {f"{s['role']}-{s['index']}": s["prefill_computed_tokens"] for s in stats if s["role"] == "prefill"}
+    return {f"{s['role']}-{s['index']}": s["prefill_computed_tokens"] for s in stats}
 
 
 def _multi_turn(r: RouterRunning, tok, tag: str) -> dict[str, int]:
@@ -95,8 +96,47 @@ def test_kv_aware_computes_half_the_prefill_of_round_robin(router, tokenizer):
     rr = _multi_turn(router, tokenizer, "rr")
     s.policy_name, s.policy = "kv_aware", make_policy("kv_aware")
     kv = _multi_turn(router, tokenizer, "kv")
-    assert all(v > 0 for v in rr.values()) and all(v > 0 for v in kv.values()), (rr, kv)  # both workers used
-    assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)
+    for d in (rr, kv):  # both prefill workers used
+        assert all(v > 0 for w, v in d.items() if w.startswith("prefill")), (rr, kv)
+    assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)  # every worker's computed tokens
+
+
+def test_local_prefill_runs_on_the_decode_worker_with_the_same_tokens(router, tokenizer):
+    """A follow-up that extends a prompt with the answer the decode worker generated:
+    the decode worker holds one block more than the prefill worker, so kv_aware has it
+    prefill the rest itself (prefill None). It computes only that rest, and greedy
+    decoding gives the tokens a remote prefill of the same prompt gives."""
+    s = router.service
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def ask(prompt):
+        async def go():
+            result, toks = RequestResult(len(prompt)), []
+            async for ev in s.run(prompt, [greedy], [], result):
+                toks += ev.token_ids
+            return result, toks
+        return router.run(go(), 180)
+
+    # this fixture's decode pool is small (56 blocks): the KV-usage bound is lifted here
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware", local_prefill_max_tokens=256,
+                                                      local_prefill_max_kv_usage=1.0)
+    first = tokenizer.encode("[local prefill] " + long_text(700))
+    _, answer = ask(first)
+    follow = first + answer + tokenizer.encode(" Go on, briefly.")
+    time.sleep(0.3)
+    router.run(s.pump_events())
+    before = _computed(router)
+    local, local_tokens = ask(follow)
+    after = _computed(router)
+    assert local.placement.prefill is None and local.placement.decode == "decode-0"
+    computed = {w: after[w] - before[w] for w in after}
+    held = (len(first) + len(answer) - 1) // s.block_size * s.block_size  # the decode worker's full blocks
+    assert computed["decode-0"] == len(follow) - held == len(follow) - local.cached_tokens
+    assert all(v == 0 for w, v in computed.items() if w.startswith("prefill"))
+    s.policy = make_policy("kv_aware", local_prefill_max_tokens=0)  # the same prompt, shipped from a prefill worker
+    remote, remote_tokens = ask(follow)
+    assert remote.placement.prefill is not None
+    assert local_tokens == remote_tokens
 
 
 def test_a_follow_up_goes_where_its_prefix_is_still_being_computed(router, tokenizer):

@@ -97,3 +97,21 @@ def test_shipped_bytes_follow_the_compression_preset(service):
     assert service._shipped_block_bytes("int8") == per_token * bs * 1
     assert service._shipped_block_bytes("int4") == per_token * bs * 0.5
     assert service._shipped_block_bytes("balanced") == per_token * bs * 0.5 * 0.5  # keep 0.5, int4
+
+
+def test_recent_tokens_count_each_placed_prompt_and_decay(service, monkeypatch):
+    """Every placement adds its prompt tokens to the chosen compute worker's recent
+    tokens, which halve every RECENT_TOKENS_HALF_LIFE_S (the cold prompts' footprint)."""
+    import router.service as svc
+
+    service.cluster = FakeCluster()
+    clock = [1000.0]
+    monkeypatch.setattr(svc.time, "monotonic", lambda: clock[0])
+    service._recent.clear()
+    first = service.place(list(range(7000, 7000 + 160)))
+    snaps = {w.name: w.recent_tokens for w in service._snapshots("prefill")}
+    assert snaps[first.prefill] == pytest.approx(160) and sum(snaps.values()) == pytest.approx(160)
+    clock[0] += svc.RECENT_TOKENS_HALF_LIFE_S
+    assert {w.name: w.recent_tokens for w in service._snapshots("prefill")}[first.prefill] == pytest.approx(80)
+    # the next cold prompt goes to the other worker (the same queues, less footprint)
+    assert service.place(list(range(9000, 9000 + 160))).prefill != first.prefill
