@@ -170,7 +170,7 @@ def write(res: dict, tag: str) -> Path:
             ("  of them with Retry-After", res["rate_limited_with_retry_after"]),
             ("other statuses or connection errors", sum(n for k, n in s.items() if k not in ("200", "429"))),
             ("errors in OpenAI's envelope", f"{res['errors_in_openai_envelope']} of {res['clients'] - s.get('200', 0)}"),
-            ("router's kvrelay_requests_total{status=rate_limited}", res["router_rate_limited_total"]),
+            ("router's kvrelay_requests_total{status=rate_limited}, after all bursts", res["router_rate_limited_total"]),
             ("burst wall time (s)", res["burst_s"]),
             ("200 latency p50 / p99 / max (s)", _dist(res["ok_latency_s"])),
             ("429 latency p50 / p99 / max (s)", _dist(res["limited_latency_s"])),
