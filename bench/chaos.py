@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.report import dist, machine_info, md_table, pyplot, reading_section
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -42,6 +44,7 @@ class Job:
     outcome: str = "pending"
     tokens: dict[int, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
+    started_s: float = 0.0  # offset from the start of the load
 
 
 def _passage(i: int, n: int) -> str:
@@ -122,6 +125,7 @@ async def chaos(args) -> dict:
         if len(running) < args.concurrency:
             job = make_job(rng, tok, i)
             i += 1
+            job.started_s = time.monotonic() - t0
             jobs.append(job)
             task = asyncio.ensure_future(run_job(service, job, args.deadline))
             running.add(task)
@@ -179,7 +183,38 @@ async def chaos(args) -> dict:
         "idle_after": idle, "index_matches_snapshot": index_ok,
         "max_seconds": round(max((j.seconds for j in jobs), default=0.0), 1),
         "load_average": os.getloadavg(),
+        "machine": machine_info(),
+        "timeline": [(round(j.started_s, 2), round(j.seconds, 2), j.kind, j.outcome) for j in jobs],
+        "seconds_by_outcome": {k: dist([j.seconds for j in jobs if _bucket(j.outcome) == k])
+                               for k in sorted({_bucket(j.outcome) for j in jobs})},
     }
+
+
+def _bucket(outcome: str) -> str:
+    return "error" if outcome.startswith("error") else outcome
+
+
+def plot(result: dict, path: Path) -> None:
+    """Every request as a bar from its start to its end, by outcome; the kills as lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(12, 5))
+    colors = {"completed": "tab:green", "cancelled": "tab:blue", "error": "tab:orange", "hung": "tab:red"}
+    ax.set_ylim(-5, len(result["timeline"]) * 1.12)
+    for i, (start, secs, _kind, outcome) in enumerate(result["timeline"]):
+        ax.plot([start, start + secs], [i, i], color=colors.get(_bucket(outcome), "black"), lw=1.2)
+    fast = [(start, i) for i, (start, secs, _kind, outcome) in enumerate(result["timeline"]) if _bucket(outcome) != "completed" and secs < 0.5]
+    ax.scatter([t for t, _ in fast], [i for _, i in fast], marker="|", s=12, color="tab:orange")  # too short for a bar
+    for t, name in result["kills"]:
+        ax.axvline(t, color="black", ls="--", lw=0.8)
+        ax.text(t, len(result["timeline"]) * 1.01, name, rotation=90, fontsize=7, va="bottom", ha="center")
+    for k, c in colors.items():
+        ax.plot([], [], color=c, label=k)
+    ax.set_xlabel("seconds since the load started")
+    ax.set_ylabel("request (in order of start)")
+    ax.set_title("chaos: each request from start to end; dashed: SIGKILL of a worker")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def write(result: dict, tag: str) -> Path:
@@ -206,6 +241,15 @@ def write(result: dict, tag: str) -> Path:
           f"Errors by type: {json.dumps({k: n for k, n in o.items() if k.startswith('error')})}; "
           f"requests by kind: {json.dumps(result['by_kind'])}; kills (s, worker): {result['kills']}; "
           f"longest request {result['max_seconds']} s.", ""]
+    if "timeline" in result:
+        plot(result, RESULTS / f"chaos{tag}.png")
+        by = result["seconds_by_outcome"]
+        md += [*md_table(["outcome", "requests", "p50 (s)", "p99 (s)", "max (s)"],
+                         [(k, d["n"], f"{d['p50']:.2f}", f"{d['p99']:.2f}", f"{d['max']:.2f}") for k, d in by.items()],
+                         "lrrrr"), "",
+               f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} CPUs, commit "
+               f"{result['machine']['git_commit']}.", "", f"![chaos timeline](chaos{tag}.png)", "",
+               *reading_section(RESULTS / f"chaos{tag}.md")]
     path = RESULTS / f"chaos{tag}.md"
     path.write_text("\n".join(md))
     return path

@@ -105,3 +105,25 @@ class Server:
             return Path(self.log.name).read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+def process_rss(url: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """Resident memory (bytes) of every kvrelay process of the server at ``url``, from
+    their own Prometheus endpoints (``process_resident_memory_bytes``): ``router`` and
+    each worker by name (``prefill-0``, ...). A process that does not answer is left out."""
+    from bench.loadgen import parse_prometheus
+
+    out: dict[str, float] = {}
+    groups = httpx.get(f"{url}/metrics/targets", timeout=timeout_s).json()
+    for g in groups:
+        for target in g["targets"]:
+            try:
+                text = httpx.get(f"http://{target}{g['labels'].get('__metrics_path__', '/metrics')}", timeout=timeout_s).text
+            except httpx.HTTPError:
+                continue
+            samples = parse_prometheus(text)
+            rss = next((v for n, _, v in samples if n == "process_resident_memory_bytes"), None)
+            worker = next((lab["worker"] for n, lab, _ in samples if n == "kvrelay_running_requests" and "worker" in lab), None)
+            if rss is not None:
+                out[worker or "router"] = rss
+    return out

@@ -66,7 +66,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "configs": list(CONFIGS),
-        "chat": dict(conversations=4, turns=3, doc_words=200, max_tokens=24, rate_per_s=0.5, think_s=0.5),
+        "chat": dict(conversations=6, turns=10, doc_words=200, max_tokens=24, rate_per_s=0.5, think_s=0.5),
         "shared": dict(requests=16, system_words=350, max_tokens=16, rate_per_s=1.0),
         "trace": dict(requests=24, select="conversations", max_turns=4, input_scale=32, max_input_tokens=512,
                       max_output_tokens=16, time_scale=0.05),
@@ -91,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: TTFT <= this many seconds (default 2)")
     p.add_argument("--slo-tpot", type=float, default=0.25, help="goodput SLO: TPOT <= this many seconds (default 0.25)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker (engine.kv_cache_memory_gb)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each of --repeat-workloads this many times per server, run i with seed + i (fresh "
+                        "documents / token ids), reported one by one")
+    p.add_argument("--repeat-workloads", default="chat", help="which workloads --repeats repeats (default chat)")
+    p.add_argument("--workload-param", action="append", default=[], metavar="WL.KEY=VALUE",
+                   help="override a workload parameter of the preset, e.g. chat.turns=6 (repeatable)")
+    p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `kvrelay serve --set` for every configuration (repeatable)")
     p.add_argument("--request-timeout", type=float, default=180.0, help="per-request deadline (s)")
     p.add_argument("--max-duration", type=float, default=240.0, help="per workload: no request sent after this (s)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="a server must be healthy within this (s)")
@@ -114,19 +122,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [w for w in args.workloads if w not in WORKLOAD_KEYS]
     if bad:
         p.error(f"unknown workloads {bad}; choose from {list(WORKLOAD_KEYS)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    args.overrides = {}
+    for item in args.workload_param:
+        key, _, value = item.partition("=")
+        wl, _, param = key.partition(".")
+        if wl not in WORKLOAD_KEYS or not param or param not in preset[wl] or not value:
+            p.error(f"--workload-param {item!r}: expected WL.KEY=VALUE with WL in {list(WORKLOAD_KEYS)} and KEY one "
+                    f"of that preset's parameters")
+        args.overrides.setdefault(wl, {})[param] = type(preset[wl][param])(value)
     return args
 
 
 def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
+    """The selected workloads, each ``--repeats`` times (run i: seed + i, named
+    ``<workload>_r<i>`` when repeated)."""
     preset = PRESETS[args.preset]
+    overrides = getattr(args, "overrides", {})
     out = []
     for key in args.workloads:
-        if key == "chat":
-            out.append(W.multi_turn_chat(seed=args.seed, **preset["chat"]))
-        elif key == "shared":
-            out.append(W.shared_system_prompt(seed=args.seed, **preset["shared"]))
-        else:
-            out.append(W.mooncake_replay(seed=args.seed, path=args.trace, **preset["trace"]))
+        params = {**preset[key], **overrides.get(key, {})}
+        repeats = args.repeats if key in args.repeat_workloads.split(",") else 1
+        for i in range(repeats):
+            seed = args.seed + i
+            if key == "chat":
+                wl = W.multi_turn_chat(seed=seed, **params)
+            elif key == "shared":
+                wl = W.shared_system_prompt(seed=seed, **params)
+            else:
+                wl = W.mooncake_replay(seed=seed, path=args.trace, **params)
+            if repeats > 1:
+                wl.name = f"{wl.name}_r{i + 1}"
+            out.append(wl)
     return out
 
 
@@ -135,10 +163,12 @@ def build_workloads(args: argparse.Namespace) -> list[W.Workload]:
 # ---------------------------------------------------------------------------------------
 
 
-def serve_command(name: str, kv_cache_gb: float) -> list[str]:
+def serve_command(name: str, kv_cache_gb: float, extra_sets: list[str] = ()) -> list[str]:
     """``kvrelay serve`` arguments of one configuration (after ``--port``)."""
     c = CONFIGS[name]
     cmd = ["--policy", c["policy"], "--decode-workers", str(c["decode"]), "--set", f"engine.kv_cache_memory_gb={kv_cache_gb}"]
+    for item in extra_sets:
+        cmd += ["--set", item]
     if c["colocated"]:
         cmd.append("--colocated")
     else:
@@ -209,7 +239,7 @@ async def run_config(name: str, wls: list[W.Workload], args: argparse.Namespace,
     url = args.url
     try:
         if url is None:
-            server = Server(name, serve_command(name, args.kv_cache_gb), args.startup_timeout)
+            server = Server(name, serve_command(name, args.kv_cache_gb, args.server_set), args.startup_timeout)
             out["command"] = " ".join(shlex.quote(c) for c in ["kvrelay", *server.cmd[3:]])
             await asyncio.to_thread(server.start)
             out["startup_s"] = server.startup_s
@@ -330,6 +360,7 @@ def render_markdown(result: dict[str, Any], md_path: Path) -> str:
         L.append("")
     L.append(f"![serving]({md_path.stem}.png)")
     L.append("")
+    L.extend(summary_lines(result))
     L.append("## Configurations")
     L.append("")
     L.append("| config | what | command |")
@@ -408,6 +439,38 @@ def render_markdown(result: dict[str, Any], md_path: Path) -> str:
     L.append("")
     L.extend(reading_section(md_path))
     return "\n".join(L)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Per workload: prefill tokens computed (engine counters, every worker, the decode
+    worker's local prefills included) and TTFT p90 per configuration, round_robin's and
+    least_loaded's computed tokens over kv_aware's, and for a trace replay the one-cache
+    ceiling's computed tokens (prompt tokens minus its hits)."""
+    configs = [r["config"] for r in result["runs"]]
+    if not configs:
+        return []
+    rows = []
+    for name, wl in result["workloads"].items():
+        computed, ttft = {}, {}
+        for c in configs:
+            w = _get(result, c, name)
+            if w is not None:
+                computed[c] = w["engine"]["prefill_computed"].get("total", 0.0)
+                ttft[c] = (w["summary"].get("ttft_s") or {}).get("p90")
+        kv = computed.get("kv_aware")
+        ratio = {c: (computed[c] / kv if kv else None) for c in ("round_robin", "least_loaded") if c in computed}
+        stats = wl.get("stats") or {}
+        ceiling = stats["input_tokens_total"] - stats["ideal_hit_tokens"] if "ideal_hit_tokens" in stats else None
+        rows.append([name, *(_n(computed.get(c)) for c in configs),
+                     *(_n(ratio.get(c), "{:.2f}x") for c in ("round_robin", "least_loaded")),
+                     _n(ceiling), _n(kv / ceiling if kv is not None and ceiling else None, "{:.2f}"),
+                     *(_ms({"p90": ttft.get(c)}, "p90") for c in configs)])
+    header = ["workload", *(f"computed: {c}" for c in configs), "round_robin / kv_aware", "least_loaded / kv_aware",
+              "ceiling computed", "kv_aware / ceiling", *(f"TTFT p90 ms: {c}" for c in configs)]
+    return ["## Summary", "",
+            "Prefill tokens computed (engine counters, all workers, a decode worker's local prefills included) and "
+            "TTFT p90 per configuration; the ceiling is one unbounded prefix cache seeing the prompts in order.", "",
+            *md_table(header, rows, "l" + "r" * (len(header) - 1)), ""]
 
 
 def _get(result: dict, config: str, wl: str) -> dict | None:

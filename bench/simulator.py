@@ -289,7 +289,9 @@ class Simulation:
         self.prefill = {f"prefill-{i}": _Prefill(f"prefill-{i}", _Cache(cap)) for i in range(n_workers)}
         n_dec = max(1, int(n_workers * decode_ratio))
         self.decode = {f"decode-{i}": _Decode(f"decode-{i}", _Cache(cap)) for i in range(n_dec)}
-        opts = policy_options or {}
+        # The simulated decode workers compute nothing but decode steps: kv_aware's local
+        # prefill (a decode worker prefilling a short rest itself) is not modelled.
+        opts = {"local_prefill_max_tokens": 0, **(policy_options or {})}
         self.replicas = [_Replica(make_policy(policy, **(opts if policy == "kv_aware" else {})),
                                   ResidencyIndex(max_blocks=10**8), ResidencyIndex(max_blocks=10**8))
                          for _ in range(replicas)]

@@ -41,6 +41,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "router.port": getattr(args, "port", None),
         "router.policy": getattr(args, "policy", None),
         "router.api_key": getattr(args, "api_key", None) or os.environ.get("KVRELAY_API_KEY"),
+        "prefix_cache.hash_seed": os.environ.get("KVRELAY_HASH_SEED"),
     }
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -122,7 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cluster.launcher import init_ray
 
-    config = _load_config(args)
+    # The deployment's secret block-hash seed (the configured one, else fresh): it travels
+    # in the config to the router and every worker, and is never printed.
+    config = _load_config(args).with_hash_seed()
     r = config.router
     import ray
     from ray import serve
@@ -176,7 +179,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kvrelay: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(cfg.model_dump(), indent=2))
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))  # secrets (the hash seed) as "**********"
     return 0
 
 

@@ -138,7 +138,9 @@ class KVRelayCluster:
         if self.prefill is not None and not prefill:
             raise NoWorkerError("no healthy prefill worker")
         by_name = {w.handle.name: w for w in prefill + decode}
-        if first is not None and first[1] in by_name and (self.prefill is None or first[0] in by_name):
+        # A prefill name of None: the decode worker prefills too (colocated, or the
+        # router's local prefill).
+        if first is not None and first[1] in by_name and (first[0] is None or first[0] in by_name):
             return (by_name[first[0]] if first[0] else None), by_name[first[1]]
         if placer is not None:
             try:
@@ -147,7 +149,7 @@ class KVRelayCluster:
                 raise NoWorkerError(str(e)) from None
             d = by_name.get(d_name)
             p = by_name.get(p_name) if p_name else None
-            if d is not None and (p is not None or self.prefill is None):
+            if d is not None and (p is not None or p_name is None):
                 return p, d
         return self._choose(prefill, decode, prompt)
 
@@ -253,6 +255,8 @@ class KVRelayCluster:
                     if full or retry:
                         raise CapacityError(str(e)) from None
                     raise
+                if p is None:  # local prefill: D runs the whole request; its scheduler queues it
+                    return None, d, None
                 try:
                     desc = await d.handle.call(WorkerAPI.reserve, rid, prompt, params, p.layout, compression,
                                                timeout_s=dl.reserve_s)
@@ -267,7 +271,7 @@ class KVRelayCluster:
         desc: TransferDescriptor | None, compression: str | None, rng_state: bytes | None,
     ) -> AsyncIterator[RequestOutput]:
         dl = self.config.deadlines
-        if p is None:  # colocated
+        if p is None:  # colocated, or a local prefill on the decode worker: one engine runs it all
             try:
                 async for out in d.handle.stream(WorkerAPI.generate, rid, prompt, params, compression, rng_state,
                                                  item_timeout_s=dl.token_s):

@@ -3,11 +3,12 @@ at start with messages that say what is wrong."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from cluster.compression import CompressionSection
 from workers.config import EngineConfig
@@ -105,6 +106,19 @@ class KVAwareWeights(_Strict):
     running_weight: float = Field(16.0, ge=0, allow_inf_nan=False)  # per sequence running on D
     kv_usage_weight: float = Field(512.0, ge=0, allow_inf_nan=False)  # D's KV pool going from empty to full
     transfer_weight: float = Field(1.0, ge=0, allow_inf_nan=False)  # per MiB shipped from P to D
+    # Local prefill: a decode worker holding more of the prompt than every prefill worker
+    # computes the rest itself when at most this many tokens are left and that costs less
+    # than the best (P, D) pair; 0 = never (always ship from a prefill worker).
+    local_prefill_max_tokens: int = Field(0, ge=0)  # off by default: see router/placement.py
+    # ... and only while its KV pool is at most this full afterwards (under pressure the
+    # prefix it holds is evicted before the request runs).
+    local_prefill_max_kv_usage: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    # A prefill worker's match under this share of the prompt counts as none (a shared
+    # system-prompt header is not a conversation; new conversations spread by load).
+    cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    # A prompt no prefill worker holds also pays this per prompt token placed on the
+    # worker lately (decayed): new conversations spread by the live prefix each caches.
+    footprint_weight: float = Field(0.02, ge=0, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):
@@ -124,6 +138,37 @@ class RouterSection(_Strict):
     kv_aware: KVAwareWeights = KVAwareWeights()
 
 
+class PrefixCacheSection(_Strict):
+    """Who may hit whose cached prefixes (cluster/block_hash.py)."""
+
+    # The block hashes' secret key, hex (16 to 64 bytes). None: a fresh random one at
+    # every start (kvrelay serve, the Serve replica), handed to the router and every
+    # worker in this config. Set it (the same value everywhere) only where processes
+    # that were not started together must agree on hashes. A SecretStr: never printed,
+    # logged or dumped (check-config shows "**********"). Also KVRELAY_HASH_SEED.
+    hash_seed: SecretStr | None = None
+    # A request without a cache_salt but with a bearer key gets a namespace derived from
+    # the key (tenants do not share cached prefixes); false: such requests share the
+    # default namespace with requests that bring no key.
+    namespace_per_key: bool = True
+
+    @field_validator("hash_seed")
+    @classmethod
+    def _hex_seed(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        try:
+            n = len(bytes.fromhex(v.get_secret_value()))
+        except ValueError:
+            raise ValueError("must be hex (e.g. `openssl rand -hex 32`)") from None
+        if not 16 <= n <= 64:
+            raise ValueError(f"must be 16 to 64 bytes (32 to 128 hex digits), got {n} bytes")
+        return v
+
+    def seed_bytes(self) -> bytes | None:
+        return None if self.hash_seed is None else bytes.fromhex(self.hash_seed.get_secret_value())
+
+
 class ClusterConfig(_Strict):
     router: RouterSection = RouterSection()
     engine: EngineSection = EngineSection()
@@ -132,6 +177,7 @@ class ClusterConfig(_Strict):
     deadlines: Deadlines = Deadlines()
     metrics: MetricsSection = MetricsSection()
     admission: AdmissionSection = AdmissionSection()
+    prefix_cache: PrefixCacheSection = PrefixCacheSection()
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
@@ -145,6 +191,15 @@ class ClusterConfig(_Strict):
         self.engine_config()  # EngineConfig's own checks (block size, ...)
         return self
 
+    def with_hash_seed(self) -> "ClusterConfig":
+        """This config with a block-hash seed: the configured one, else a fresh secret
+        (32 random bytes). Called once where a deployment starts; everything it starts
+        gets the result, so router and workers hash alike."""
+        if self.prefix_cache.hash_seed is not None:
+            return self
+        seeded = self.prefix_cache.model_copy(update={"hash_seed": SecretStr(secrets.token_hex(32))})
+        return self.model_copy(update={"prefix_cache": seeded})
+
     def engine_config(self) -> EngineConfig:
         e = self.engine
         threads = self.pools.threads_per_worker or max(1, int(self.pools.cpus_per_worker))
@@ -155,6 +210,7 @@ class ClusterConfig(_Strict):
             max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
             attention_backend=e.attention_backend, num_threads=threads,
+            hash_seed=self.prefix_cache.seed_bytes(),
         )
 
     # ---- loading ----------------------------------------------------------------------
@@ -200,6 +256,9 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+_SECRET_KEYS = frozenset({"hash_seed", "api_key"})
+
+
 def _explain(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -209,6 +268,8 @@ def _explain(e: ValidationError) -> str:
             lines.append(f"{where}: unknown key")
         elif not where:
             lines.append(msg)
+        elif err["loc"] and err["loc"][-1] in _SECRET_KEYS:
+            lines.append(f"{where}: {msg}")  # never echo a secret, not even a malformed one
         else:
             lines.append(f"{where}: {msg} (got {err.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -39,6 +39,9 @@ def init_ray(config: ClusterConfig) -> None:
 
 
 async def start_cluster(config: ClusterConfig) -> KVRelayCluster:
+    """Start the pools. Pass the config the router hashes with (``with_hash_seed()``
+    applied), so both key block hashes alike; one without a seed gets a fresh one."""
+    config = config.with_hash_seed()
     use_ray = ray_needed(config)
     if use_ray:
         init_ray(config)

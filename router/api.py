@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import AdmissionRejected
+from cluster.block_hash import cache_namespace
 from cluster.cluster import NoWorkerError
 from cluster.json_schema import schema_error
 from cluster.worker_api import CapacityError, TokenLogprobs, WorkerDiedError
@@ -225,6 +226,12 @@ def _admit(s: RouterService, request: Request, model: str, n: int) -> None:
     request.state.api_key = key
 
 
+def _namespace(s: RouterService, request: Request, req) -> str | None:
+    """The request's prefix-cache namespace: its cache_salt, else its API key's (unless
+    prefix_cache.namespace_per_key is off), else the shared default."""
+    return cache_namespace(req.cache_salt, _api_key_of(request), s.config.prefix_cache.namespace_per_key)
+
+
 def _check_prompt(s: RouterService, prompt: list[int], max_tokens: int | None, chat: bool) -> None:
     vocab = s.model_config.vocab_size
     if any(t >= vocab for t in prompt):
@@ -281,7 +288,8 @@ async def completions(request: Request):
     prompts = [list(p) if isinstance(p, list) else s.tokenizer.encode(p, add_special_tokens=True) for p in req.prompt]
     for p in prompts:
         _check_prompt(s, p, req.max_tokens, chat=False)
-    params = [req.to_sampling_params(choice_index=i) for i in range(req.n)]
+    ns = _namespace(s, request, req)
+    params = [req.to_sampling_params(choice_index=i, cache_namespace=ns) for i in range(req.n)]
     echo = None
     if req.echo:
         echo = [p if isinstance(p, str) else s.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
@@ -297,7 +305,8 @@ async def chat_completions(request: Request):
     prompt = s.tokenizer.apply_chat_template(req.template_messages())
     _check_prompt(s, prompt, req.requested_max_tokens, chat=True)
     room = s.max_model_len - len(prompt)
-    params = [req.to_sampling_params(default_max_tokens=room, choice_index=i) for i in range(req.n)]
+    ns = _namespace(s, request, req)
+    params = [req.to_sampling_params(default_max_tokens=room, choice_index=i, cache_namespace=ns) for i in range(req.n)]
     return await _respond(s, request, req, [prompt], params, chat=True)
 
 

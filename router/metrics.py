@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, ProcessCollector, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -116,6 +116,7 @@ class RouterMetrics:
     def __init__(self, workers: Callable[[], list[WorkerView]], indexes: Callable[[], list[IndexView]],
                  reliability: Callable[[], ReliabilityView | None] = lambda: None) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: the soak and overload runs read RSS here
         self.requests = Counter("kvrelay_requests", "Requests by final status", ["status"], registry=r)
         for s in STATUSES:
             self.requests.labels(s)

@@ -22,7 +22,13 @@ of transfer.
                + kv_usage_weight * kv_usage_after(D)
                + transfer_weight * ship_mib(D)
 
-    uncached_tokens(P) = prompt_tokens - prefill_match[P] * block_size   (to compute on P)
+    uncached_tokens(P) = prompt_tokens - held(P)                          (to compute on P)
+    held(P)            = prefill_match[P] * block_size, or 0 when that is under
+                         cold_match_share of the prompt (a shared header, not a conversation)
+
+    A cold prompt (held(P) = 0 on every prefill worker) also pays
+    footprint_weight * recent_tokens(P): the prompt tokens the router placed on P lately
+    (decayed), so new conversations go where the least live prefix is cached.
     queued_tokens(P)   = uncached prompt tokens the router already placed on P and
                          whose first token has not come back (work ahead of this one)
     kv_usage_after(D)  = 1 - (free_blocks - missing_blocks(D)) / total_blocks   (0..1)
@@ -36,10 +42,33 @@ A decode worker that holds a conversation's prefix needs only the rest shipped, 
 conversation's later turns land where both its prefill cache and its decode pages are.
 
 Colocated mode scores one pool with ``prefill(W) + decode(W)`` minus the transfer term
-(nothing is shipped). Decode candidates without room for the blocks they lack
+(nothing is shipped).
+
+**Local prefill** (conditional disaggregation, as Dynamo and vLLM do it; off unless
+``local_prefill_max_tokens`` > 0, see the weights below): a decode
+worker D that holds more of the prompt than any prefill worker, with at most
+``local_prefill_max_tokens`` of it left to compute, may prefill the rest itself::
+
+    local(D) = uncached_tokens(D) + queue_weight * queued_tokens(D) + decode(D) - transfer term
+
+and does so when ``local(D)`` is below the best pair's ``cost(P, D)``; the placement's
+``prefill`` is then None, as in colocated mode. Multi-turn chat is the case: the decode
+worker generated the last answer, so it holds the conversation up to the end of that
+answer, while the prefill worker that computed the last prompt holds it only up to the
+answer's start (the measured reason kv_aware could not win by much on chat before). Decode candidates without room for the blocks they lack
 (``free_blocks < missing_blocks``) are skipped; if nobody has room, the one with the
 most free blocks is taken (its reserve may still fail and retry). Exact ties rotate
-over the tied workers, so identical cold prompts spread over an idle pool.
+to the worker whose cache holds the fewest blocks (SGLang's "smallest tree"), then
+rotate over the tied workers, so new prefixes spread over the pool.
+
+Why the cold share: every chat conversation starts with the same system-prompt header
+(one block here). Counted as a prefix, it sent each new conversation to the worker that
+served the first one (measured: 5 of 6 conversations on one of two prefill workers,
+bench/chat_diagnosis.py); when the KV holds about half the conversations, that worker
+then evicts its own conversations while the other one idles. Without the header, a new
+conversation went by load alone, and 4 of 6 could still land on one worker (measured
+with caches full of earlier conversations, where the fewest-cached-blocks tie-break
+sees no difference); hence the footprint term for cold prompts.
 """
 
 from __future__ import annotations
@@ -73,9 +102,12 @@ class WorkerSnapshot:
     # Uncached prompt tokens the router placed here whose first token has not come back
     # (prefill side; the router knows them because it placed them).
     queued_tokens: int = 0
+    # Prompt tokens the router placed here lately (exponentially decayed): how much live
+    # prefix this worker's cache serves, which new (cold) prompts are balanced on.
+    recent_tokens: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens) < 0 or self.total_blocks <= 0:
+        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens, self.recent_tokens) < 0 or self.total_blocks <= 0:
             raise ValueError(f"bad worker snapshot {self}")
 
     @property
@@ -114,7 +146,7 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Placement:
-    prefill: str | None  # None: colocated (the decode worker prefills too)
+    prefill: str | None  # None: the decode worker prefills too (colocated mode, or kv_aware's local prefill)
     decode: str
     # per candidate weighed (worker names are unique across pools); empty for round_robin
     costs: dict[str, float] = field(default_factory=dict)
@@ -224,6 +256,10 @@ class CostParts:
     total: float = 0.0
 
     def named(self, pool: str) -> dict[str, float]:
+        if pool == "local":  # D computes the rest of the prompt and decodes; nothing shipped
+            return {"prefill_uncached_tokens": self.uncached_tokens, "prefill_queued_tokens": self.queued_tokens,
+                    "decode_running": self.running, "decode_kv_usage": self.kv_usage, "decode_ship_mib": 0.0,
+                    "local_cost": self.total}
         if pool == "prefill":
             return {"prefill_uncached_tokens": self.uncached_tokens, "prefill_queued_tokens": self.queued_tokens,
                     "prefill_cost": self.total}
@@ -244,6 +280,34 @@ class KVAwarePolicy(PlacementPolicy):
         for good, while a queue drains, so the default is 0.2 (the scale simulator at
         32 workers on the Mooncake trace: 1.0 -> 57% of the one-cache ceiling's hits,
         0.5 -> 72%, 0.2 -> 81%, 0.1 -> 84% at TTFT p90 2.27, 2.18, 2.27, 2.56 s).
+    cold_match_share: a prefill worker's match under this share of the prompt counts as
+        no match (module docstring); 0.25 keeps every follow-up turn (which shares most
+        of its prompt with the last one) and drops a shared system-prompt header.
+    footprint_weight: for a cold prompt, prefill-token equivalent of one prompt token
+        placed on the worker lately (``recent_tokens``, decayed by the router). 0.02: in
+        the measured chat a live conversation adds about 4,000 decayed tokens, so one
+        conversation more outweighs ~400 queued tokens (x 0.2), while a prompt anybody
+        holds is never moved by it.
+    local_prefill_max_tokens: the most prompt tokens a decode worker may prefill itself
+        (local prefill, module docstring); 0, the default: never. Local prefill is
+        greedy per turn: a turn it cannot take (the decode worker too full) goes to a
+        prefill worker that is as many turns behind as went local, and computes them
+        all. Measured on 6 x 10-turn chat at 728 blocks per worker: 3,069 tokens
+        computed with it at a one-half KV bound, 4,781 at a one-quarter bound (11 turns
+        forced back to stale prefill workers), 4,029 without it; at 120 blocks it
+        only hurt. So it is opt-in (256 suits chat turns: 20-60 tokens were left per
+        turn), for decode pools with ample KV.
+    local_prefill_max_kv_usage: a decode worker prefills locally only while its KV pool
+        stays at most this full afterwards: under memory pressure the prefix it holds
+        (free, cached blocks) is evicted by the running batch before the request is
+        scheduled, and the "short rest" becomes the whole prompt (measured: at 120
+        blocks per worker, 47 of 60 chat turns went local and the decode worker computed
+        15,870 prompt tokens, 3x what the prefill workers would have; at 0.5, a few
+        turns a run still went local there, predicted 22,128 hit tokens and realized
+        21,328, and a conversation that alternates between local and remote turns leaves
+        its prefill worker a turn behind). 0.25: in the measured chat the decode worker
+        was at most 0.24 full after 90% of the decisions at 728 blocks (local prefill
+        kept) and above 0.36 after 90% at 120 blocks (local prefill almost never).
     running_weight: prefill-token equivalent of one more sequence on a decode worker.
     kv_usage_weight: prefill-token equivalent of going from an empty to a full KV pool.
     transfer_weight: prefill-token equivalent of shipping one MiB to the decode worker.
@@ -252,24 +316,45 @@ class KVAwarePolicy(PlacementPolicy):
     name = "kv_aware"
 
     def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
-                 transfer_weight: float = 1.0) -> None:
+                 transfer_weight: float = 1.0, local_prefill_max_tokens: int = 0,
+                 local_prefill_max_kv_usage: float = 0.25, cold_match_share: float = 0.25,
+                 footprint_weight: float = 0.02) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
-                     ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight)):
+                     ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight),
+                     ("local_prefill_max_tokens", local_prefill_max_tokens), ("cold_match_share", cold_match_share),
+                     ("footprint_weight", footprint_weight)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
+        for k, v in (("cold_match_share", cold_match_share), ("local_prefill_max_kv_usage", local_prefill_max_kv_usage)):
+            if not (math.isfinite(v) and 0 <= v <= 1):
+                raise ValueError(f"{k} must be in [0, 1], got {v}")
+        self.local_prefill_max_kv_usage = local_prefill_max_kv_usage
+        self.footprint_weight = footprint_weight
+        self.cold_match_share = cold_match_share
         self.queue_weight = queue_weight
         self.running_weight = running_weight
         self.kv_usage_weight = kv_usage_weight
         self.transfer_weight = transfer_weight
+        self.local_prefill_max_tokens = int(local_prefill_max_tokens)
         self._ties: dict[str, int] = {}  # per pool: rotates which equal-cost worker is preferred
         self._chosen: dict[str, CostParts] = {}
 
     # ---- the named cost -----------------------------------------------------------------
 
-    def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None) -> CostParts:
-        uncached = request.uncached_tokens(request.prefill_match if match is None else match, w.name)
+    def held_tokens(self, request: PlacementRequest, match: Mapping[str, int], worker: str) -> int:
+        """Prompt tokens ``worker`` holds as far as the cost is concerned: its match, or 0
+        when that is under ``cold_match_share`` of the prompt."""
+        held = min(match.get(worker, 0) * request.block_size, request.num_prompt_tokens)
+        return held if held and held >= self.cold_match_share * request.num_prompt_tokens else 0
+
+    def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None,
+                     cold: bool = False) -> CostParts:
+        """``cold``: no prefill worker holds the prompt (the footprint term applies)."""
+        match = request.prefill_match if match is None else match
+        uncached = request.num_prompt_tokens - self.held_tokens(request, match, w.name)
         queued = self.queue_weight * w.queued_tokens
-        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued)
+        footprint = self.footprint_weight * w.recent_tokens if cold else 0.0
+        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued + footprint)
 
     def decode_cost(self, request: PlacementRequest, w: WorkerSnapshot, ship: bool = True) -> CostParts:
         missing = request.missing_blocks(request.decode_match, w.name)
@@ -290,48 +375,93 @@ class KVAwarePolicy(PlacementPolicy):
         parts = {}
         for pool, c in self._chosen.items():
             parts.update(c.named(pool))
-        return Placement(p.prefill, p.decode, p.costs, parts)
+        if not prefill_workers:
+            return Placement(p.prefill, p.decode, p.costs, parts)
+        if not self.local_prefill_max_tokens:
+            return Placement(p.prefill, p.decode, p.costs, {**parts, "local_prefill": 0.0})
+        remote = parts["prefill_cost"] + parts["decode_cost"]
+        local = self._local_candidate(request, prefill_workers, decode_workers)
+        if local is None or local[1].total >= remote:
+            return Placement(p.prefill, p.decode, p.costs, {**parts, "local_prefill": 0.0})
+        d, c = local
+        log.debug("local prefill on %s: cost %.1f < remote %s -> %s %.1f", d, c.total, p.prefill, p.decode, remote)
+        return Placement(None, d, {**p.costs, f"{d}/local": c.total}, {**c.named("local"), "local_prefill": 1.0})
 
-    def _totals(self, request: PlacementRequest, pool: str) -> Callable[[WorkerSnapshot], float]:
-        """The cost's total alone, inlined: this runs for every worker of a 128-worker
-        pool on every request (``prefill_cost`` / ``decode_cost`` give the parts)."""
+    def local_cost(self, request: PlacementRequest, w: WorkerSnapshot) -> CostParts:
+        """``local(D)``: D prefills the rest of the prompt itself, nothing is shipped."""
+        return self.colocated_cost(request, w)
+
+    def _local_candidate(self, request: PlacementRequest, prefill: Sequence[WorkerSnapshot],
+                         decode: Sequence[WorkerSnapshot]) -> tuple[str, CostParts] | None:
+        """The cheapest decode worker allowed to prefill this request itself: up, with
+        room for the blocks it lacks, holding more leading blocks than every up prefill
+        worker, with at most ``local_prefill_max_tokens`` left to compute, and its KV
+        pool at most ``local_prefill_max_kv_usage`` full afterwards."""
+        dm, nb = request.decode_match, request.num_prompt_blocks
+        if not dm or request.num_prompt_tokens - max(dm.values()) * request.block_size > self.local_prefill_max_tokens:
+            return None  # no decode worker is close enough (the common case: checked first, O(1))
+        pm = request.prefill_match
+        best_p = max((pm[w.name] for w in prefill if w.up and w.name in pm), default=0)
+        best = None
+        for w in decode:
+            held = dm.get(w.name, 0)
+            if (not w.up or held <= best_p or w.free_blocks < nb - held
+                    or request.uncached_tokens(dm, w.name) > self.local_prefill_max_tokens):
+                continue
+            c = self.local_cost(request, w)
+            if c.kv_usage > self.local_prefill_max_kv_usage:
+                continue
+            if best is None or (c.total, w.name) < (best[1].total, best[0]):
+                best = (w.name, c)
+        return best
+
+    def _totals(self, request: PlacementRequest, pool: str, workers: Sequence[WorkerSnapshot]) -> list[float]:
+        """The cost's total alone for every worker, inlined in comprehensions: this runs
+        for every worker of a 128-worker pool on every request (``prefill_cost`` /
+        ``decode_cost`` give the parts; the unit tests hold the two equal)."""
         tokens, bs, nb = request.num_prompt_tokens, request.block_size, request.num_prompt_blocks
         qw, rw, kw = self.queue_weight, self.running_weight, self.kv_usage_weight
+        cold = self.cold_match_share * tokens  # fewer held tokens than this count as none
         if pool == "prefill":
-            pm = request.prefill_match
-            return lambda w: max(0, tokens - pm.get(w.name, 0) * bs) + qw * w.queued_tokens
+            # held tokens per worker that holds any (the match lists only those)
+            held = {n: h for n, b in request.prefill_match.items() if (h := min(b * bs, tokens)) and h >= cold}
+            if not held:  # a cold prompt: balanced on the workers' recent prompt tokens too
+                fw = self.footprint_weight
+                return [tokens + qw * w.queued_tokens + fw * w.recent_tokens for w in workers]
+            get = held.get
+            return [tokens - get(w.name, 0) + qw * w.queued_tokens for w in workers]
         dm = request.decode_match
+        get = dm.get
         tw = self.transfer_weight * request.block_bytes / 2**20 if pool != "colocated" else 0.0
-
-        def decode(w: WorkerSnapshot) -> float:
-            held = dm.get(w.name, 0)
-            missing = max(0, nb - held)
-            total = rw * (w.running + w.waiting) + kw * (1.0 - (w.free_blocks - missing) / w.total_blocks) + tw * missing
-            if pool == "colocated":
-                total += max(0, tokens - held * bs) + qw * w.queued_tokens
-            return total
-
-        return decode
+        out = [rw * (w.running + w.waiting) + kw * (1.0 - (w.free_blocks - (m := max(0, nb - get(w.name, 0)))) / w.total_blocks)
+               + tw * m for w in workers]
+        if pool == "colocated":
+            for i, w in enumerate(workers):
+                h = min(get(w.name, 0) * bs, tokens)
+                out[i] += (tokens - h if h and h >= cold else tokens) + qw * w.queued_tokens
+        return out
 
     def _parts(self, request: PlacementRequest, pool: str, w: WorkerSnapshot) -> CostParts:
         if pool == "prefill":
-            return self.prefill_cost(request, w)
+            cold = not any(self.held_tokens(request, request.prefill_match, n) for n in request.prefill_match)
+            return self.prefill_cost(request, w, cold=cold)
         return self.colocated_cost(request, w) if pool == "colocated" else self.decode_cost(request, w)
 
     def _cheapest(self, request: PlacementRequest, workers: list[WorkerSnapshot], costs: dict[str, float], pool: str) -> str:
-        turn = self._ties[pool] = self._ties.get(pool, 0) + 1
-        total = self._totals(request, pool)
-        lowest, tied = math.inf, []
-        for w in workers:
-            c = costs[w.name] = total(w)
-            if c < lowest:
-                lowest, tied = c, [w]
-            elif c == lowest:
-                tied.append(w)
-        # exact ties (identical cold prompts on an idle pool) rotate over the tied
-        # workers in name order, so new prefixes spread over the pool
-        tied.sort(key=lambda w: w.name)
-        best = tied[turn % len(tied)]
+        totals = self._totals(request, pool, workers)
+        costs.update(zip([w.name for w in workers], totals))
+        lowest = min(totals)
+        tied = [w for w, c in zip(workers, totals) if c == lowest]
+        # exact ties (cold prompts on an idle pool): the fewest cached blocks, then
+        # rotate over the still tied workers in name order (the turn advances on ties
+        # only), so new prefixes spread over the pool
+        if len(tied) > 1:
+            fewest = min(w.cached_blocks for w in tied)
+            tied = sorted((w for w in tied if w.cached_blocks == fewest), key=lambda w: w.name)
+            turn = self._ties[pool] = self._ties.get(pool, -1) + 1
+            best = tied[turn % len(tied)]
+        else:
+            best = tied[0]
         if log.isEnabledFor(logging.DEBUG):
             for w in workers:
                 p = self._parts(request, pool, w)
@@ -357,6 +487,14 @@ class KVAwarePolicy(PlacementPolicy):
             return best.name
         return self._cheapest(request, roomy, costs, pool)
 
+
+# Every ``part`` label value of the kvrelay_router_placement_cost histogram (Placement.parts).
+COST_PARTS = (
+    "prefill_uncached_tokens", "prefill_queued_tokens", "prefill_cost",  # kv_aware, the chosen P (or D, local)
+    "decode_running", "decode_kv_usage", "decode_ship_mib", "decode_cost",  # kv_aware, the chosen D
+    "local_cost", "local_prefill",  # kv_aware: a local prefill's total; 1 for a local prefill, 0 for a pair
+    "prefill_load", "decode_load",  # least_loaded
+)
 
 POLICIES: dict[str, Callable[..., PlacementPolicy]] = {
     RoundRobinPolicy.name: RoundRobinPolicy,

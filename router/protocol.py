@@ -51,6 +51,7 @@ MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_CHOICES = 128  # prompts x n
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_CACHE_SALT_CHARS = 1024  # cache_salt length bound
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens the same way
 
@@ -122,6 +123,9 @@ class _SamplingRequest(BaseModel):
     # kvrelay extension: the KV payload preset for this request (None: the deployment's);
     # the names are the built-in presets and the deployment's own, checked by the API.
     kv_compression: StrictStr | None = None
+    # vLLM's prefix-cache isolation: requests hit only cached prefixes computed under
+    # the same salt (none: the namespace of the request's API key, or the shared one).
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -242,13 +246,16 @@ class _SamplingRequest(BaseModel):
         """SamplingParams.prompt_logprobs (echo with logprobs on completions)."""
         return None
 
-    def to_sampling_params(self, default_max_tokens: int | None = None, choice_index: int = 0) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int | None = None, choice_index: int = 0,
+                           cache_namespace: str | None = None) -> SamplingParams:
         """The engine's parameters for choice ``choice_index`` of ``n``.
 
         ``default_max_tokens`` is used when the request sets no length (chat without
         max_tokens): the router passes the room left in the context. min_tokens is
         clipped to that room. With a seed and n > 1, choice i samples with seed + i so
         the choices differ yet the request stays reproducible (vLLM does the same).
+        ``cache_namespace``: the prefix-cache namespace the API resolved for the request
+        (cluster.block_hash.cache_namespace, from cache_salt and the API key).
         """
         max_tokens = self.requested_max_tokens
         if max_tokens is None:
@@ -276,6 +283,7 @@ class _SamplingRequest(BaseModel):
             logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
             json_schema=self.json_schema,
             prompt_logprobs=self.engine_prompt_logprobs,
+            cache_namespace=cache_namespace,
         )
 
 

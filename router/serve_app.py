@@ -45,5 +45,7 @@ class KVRelayRouter:
 
 def build(args: dict[str, Any]) -> serve.Application:
     """Ray Serve application builder (``import_path: router.serve_app:build``)."""
-    config = ClusterConfig.build(args)  # fails here, at deploy time, on a bad config
+    # Fails here, at deploy time, on a bad config; a deployment without a configured
+    # hash seed gets its secret one here, and every replica is bound with it.
+    config = ClusterConfig.build(args).with_hash_seed()
     return KVRelayRouter.bind(config.model_dump())

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cluster.block_hash import hash_blocks
+from cluster.block_hash import BlockHasher
 from cluster.cluster import KVRelayCluster, NoWorkerError
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
@@ -31,6 +31,10 @@ from router.tokenizer import load_tokenizer
 from workers.loader import read_model_config, resolve_model
 
 log = logging.getLogger(__name__)
+
+# Half-life of the prompt tokens a worker was sent lately (WorkerSnapshot.recent_tokens):
+# about the gap between a chat's turns times a few, so a live conversation keeps counting.
+RECENT_TOKENS_HALF_LIFE_S = 30.0
 
 PROBE_TEXT = (
     "kvrelay start-up self-check: the router and the workers must agree on the tokenizer, "
@@ -70,12 +74,15 @@ class RequestResult:
 
 class RouterService:
     def __init__(self, config: ClusterConfig) -> None:
-        self.config = config
+        # The deployment's secret block-hash seed (configured, or fresh now): start()
+        # hands this same config to every worker, so they hash alike.
+        self.config = config = config.with_hash_seed()
         self.source = resolve_model(config.engine.model)
         self.model_id = config.router.served_model_name or self.source.model_id
         self.model_config = read_model_config(self.source)
         self.max_model_len = config.engine.max_model_len or self.model_config.max_position_embeddings
         self.block_size = config.engine.block_size
+        self.hasher = BlockHasher(self.block_size, config.prefix_cache.seed_bytes())
         self.tokenizer = load_tokenizer(self.source)
         self.policy_name = config.router.policy
         self.policy = make_policy(config.router.policy, **policy_options(config))
@@ -89,6 +96,7 @@ class RouterService:
         self.pending_prefixes = PendingPrefixes()  # prompts placed on a worker, not prefilled yet
         self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
         self._queued_tokens: dict[str, int] = {}  # uncached prompt tokens placed on a worker, no first token yet
+        self._recent: dict[str, tuple[float, float]] = {}  # worker -> (decayed prompt tokens placed, as of when)
         self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
@@ -182,14 +190,15 @@ class RouterService:
         """Send a probe and confirm the worker's `stored` events carry the router's own
         block hashes: tokenizer, chat template and hash function agree."""
         prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}])
-        hashes = hash_blocks(prompt, self.block_size)
+        hashes = self.hasher.hash_blocks(prompt)
         if len(hashes) < 2:
             raise SelfCheckError("probe prompt is shorter than two blocks")
         placement = self.place(prompt)
         async for _ in self.cluster.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0), "kvrelay-self-check",
                                               (placement.prefill, placement.decode)):
             pass
-        role, worker = ("colocated", placement.decode) if placement.prefill is None else ("prefill", placement.prefill)
+        role, worker = ((next(r for r in self.indexes if r != "prefill"), placement.decode) if placement.prefill is None
+                        else ("prefill", placement.prefill))
         deadline = time.monotonic() + 10.0
         while True:
             await self.pump_events()
@@ -220,9 +229,14 @@ class RouterService:
 
     # ---- placement --------------------------------------------------------------------
 
+    def _recent_tokens(self, worker: str, now: float) -> float:
+        value, at = self._recent.get(worker, (0.0, now))
+        return value * 0.5 ** ((now - at) / RECENT_TOKENS_HALF_LIFE_S)
+
     def _snapshots(self, role: str, exclude: frozenset[str] = frozenset()) -> list[WorkerSnapshot]:
         out = []
         index = self.indexes[role]
+        now = time.monotonic()
         for w in self.cluster.worker_states().get(role, []):
             h = w.health
             # Health is probed periodically; requests placed since then are not in it yet.
@@ -234,14 +248,16 @@ class RouterService:
                 h.free_blocks if h else 0, h.total_blocks if h else 1,
                 w.up and h is not None and w.handle.name not in exclude,
                 index.num_blocks_of(w.handle.name), self._queued_tokens.get(w.handle.name, 0),
+                self._recent_tokens(w.handle.name, now),
             ))
         return out
 
     def place(self, prompt: list[int], hashes: list | None = None, compression: str | None = None,
-              exclude: frozenset[str] = frozenset()) -> Placement:
+              exclude: frozenset[str] = frozenset(), namespace: str | None = None) -> Placement:
         """The policy's (P, D) for a prompt, never one of ``exclude`` (retries and
-        migrations avoid the worker that failed). Raises placement's NoWorkerError."""
-        hashes = hash_blocks(prompt, self.block_size) if hashes is None else hashes
+        migrations avoid the worker that failed). Raises placement's NoWorkerError.
+        ``namespace``: the prefix-cache namespace the prompt is hashed under."""
+        hashes = self.hasher.hash_blocks(prompt, namespace) if hashes is None else hashes
         return self._place(prompt, hashes, compression, exclude)[0]
 
     def _place(self, prompt: list[int], hashes: list, compression: str | None,
@@ -254,11 +270,14 @@ class RouterService:
         compute_role = decode_role if colocated else "prefill"
         compute_index = self.indexes[compute_role].match(hashes, touch=False).blocks
         decode_index = compute_index if colocated else self.indexes[decode_role].match(hashes, touch=False).blocks
-        compute_match = _longer(compute_index, self.pending_prefixes.match(hashes))
+        pending = self.pending_prefixes.match(hashes)
+        compute_match = _longer(compute_index, pending)
+        # A decode worker's pending prompts are its local prefills (names are unique across pools).
+        decode_match = compute_match if colocated else _longer(decode_index, pending)
         req = PlacementRequest(
             len(prompt), self.block_size,
             prefill_match={} if colocated else compute_match,
-            decode_match=compute_match if colocated else dict(decode_index),
+            decode_match=decode_match,
             block_bytes=0.0 if colocated else self._shipped_block_bytes(compression),
         )
         placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude),
@@ -267,12 +286,15 @@ class RouterService:
             self.metrics.decisions.labels(self.policy_name, worker).inc()
         for part, value in placement.parts.items():
             self.metrics.placement_cost.labels(self.policy_name, part).observe(value)
-        # LRU recency (the index's cap): only the chosen workers' entries are touched
-        compute_worker = placement.decode if colocated else placement.prefill
-        self.indexes[compute_role].touch(compute_worker, hashes, compute_index.get(compute_worker, 0))
-        if not colocated:
-            self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
-        hit = min(compute_match.get(compute_worker, 0) * self.block_size, len(prompt))
+        # LRU recency (the index's cap): only the chosen workers' entries are touched.
+        # No prefill worker: the decode worker computes (colocated, or a local prefill).
+        if placement.prefill is not None:
+            self.indexes["prefill"].touch(placement.prefill, hashes, compute_index.get(placement.prefill, 0))
+        self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
+        compute_worker, now = placement.prefill or placement.decode, time.monotonic()
+        self._recent[compute_worker] = (self._recent_tokens(compute_worker, now) + len(prompt), now)
+        held = compute_match if placement.prefill is not None else decode_match
+        hit = min(held.get(placement.prefill or placement.decode, 0) * self.block_size, len(prompt))
         self.metrics.predicted_hit_tokens.inc(hit)
         return placement, hit
 
@@ -300,7 +322,10 @@ class RouterService:
         first; once its prompt is prefilled, the other choices start on the same
         workers and reuse that prefix (prefix cache on the prefill worker, dedup on the
         decode worker), so a prompt is prefilled and shipped once."""
-        hashes = hash_blocks(prompt, self.block_size)
+        # Hashed under the request's cache namespace, as its workers will: the index
+        # answers only with the prefixes this tenant's own requests left behind.
+        namespace = params[0].cache_namespace
+        hashes = self.hasher.hash_blocks(prompt, namespace)
         try:
             placement, hit = self._place(prompt, hashes, compression)
         except NoCandidateError as e:
@@ -342,7 +367,7 @@ class RouterService:
                 """A retry or migration: the same policy, the failed workers excluded;
                 the request's load moves with it."""
                 try:
-                    again = self.place(prompt_now, compression=compression, exclude=exclude)
+                    again = self.place(prompt_now, compression=compression, exclude=exclude, namespace=namespace)
                 except NoCandidateError as e:
                     raise NoWorkerError(str(e)) from None
                 if not first_seen:

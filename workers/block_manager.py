@@ -13,6 +13,14 @@ before its head (the head is what most requests share).
 
 Queries (``match_prefix``, ``can_allocate``, ``num_free_blocks``) never change
 state; ``allocate`` / ``free`` / ``cache_blocks`` do, and emit KV events.
+
+A hash hit is confirmed before reuse: a cached block keeps the token ids it holds and
+the hash it was chained on (its parent's, or its namespace's root for a first block),
+and a lookup that brings its tokens only hits a block holding exactly those tokens
+after exactly that parent. By induction over the chain, a confirmed prefix is the same
+tokens under the same namespace, whatever the 64-bit hash did. A hash hit that fails
+the check is a miss (the match stops there), counted in ``hash_mismatches`` when the
+lookup is acted on (``allocate``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.block_hash import BlockHash
+from cluster.block_hash import ROOT_HASH, BlockHash
 from cluster.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVSnapshot
 
 
@@ -30,7 +38,11 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
-    parent_hash: BlockHash | None = None
+    parent_hash: BlockHash | None = None  # None: the first block (what KV events carry)
+    # While cached: the tokens it holds and the hash it was chained on (the parent's, or
+    # the namespace's root): what a hash hit is confirmed against. None: not recorded.
+    token_ids: tuple[int, ...] | None = None
+    chained_on: BlockHash | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,9 @@ class PrefixMatch:
 
     block_ids: tuple[int, ...]
     num_free: int  # how many of them sit in the free queue (ref_count 0)
+    # The block after the match had the next hash but other tokens or another parent
+    # (a hash collision): a miss, counted when the match is allocated.
+    mismatched: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -60,6 +75,7 @@ class BlockManager:
         self._cached: dict[BlockHash, int] = {}
         self._events: list[KVEvent] = []
         self._event_seq = 0
+        self.hash_mismatches = 0  # hash hits refused because the block held other tokens
 
     # ---- queries (side-effect free) -------------------------------------------------
 
@@ -75,14 +91,29 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, block_hashes: Sequence[BlockHash]) -> PrefixMatch:
+    def match_prefix(
+        self,
+        block_hashes: Sequence[BlockHash],
+        token_ids: Sequence[int] | None = None,
+        root: BlockHash = ROOT_HASH,
+    ) -> PrefixMatch:
+        """The cached leading blocks of a request. With ``token_ids`` (the request's
+        tokens) and ``root`` (its namespace's chain root), every hit is confirmed: the
+        block holds those tokens, chained on that parent. Without them (an advisory
+        probe by hash only) hits are not confirmed."""
         if not self.enable_prefix_caching:
             return NO_MATCH
         ids: list[int] = []
-        for h in block_hashes:
+        bs = self.block_size
+        for i, h in enumerate(block_hashes):
             bid = self._cached.get(h)
             if bid is None:
                 break
+            if token_ids is not None:
+                blk = self.blocks[bid]
+                parent = block_hashes[i - 1] if i else root
+                if blk.chained_on != parent or blk.token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
+                    return PrefixMatch(tuple(ids), sum(1 for b in ids if self.blocks[b].ref_count == 0), True)
             ids.append(bid)
         return PrefixMatch(tuple(ids), sum(1 for b in ids if self.blocks[b].ref_count == 0))
 
@@ -103,6 +134,7 @@ class BlockManager:
                 f"cannot allocate {num_new_blocks} blocks (+{prefix.num_free} cached): "
                 f"{len(self._free)} free of {self.num_blocks}"
             )
+        self.hash_mismatches += prefix.mismatched
         for bid in prefix.block_ids:
             self._touch(bid)
         evicted: list[BlockHash] = []
@@ -135,11 +167,15 @@ class BlockManager:
         block_hashes: Sequence[BlockHash],
         start: int,
         end: int,
+        token_ids: Sequence[int] | None = None,
+        root: BlockHash = ROOT_HASH,
     ) -> int:
         """Register blocks ``[start, end)`` of a sequence (now full and computed) in
         the prefix cache; emits one ``stored`` event for the newly cached run.
         Returns how many were newly cached. A hash already cached by another block
-        (two requests computed the same block at once) leaves this copy uncached."""
+        (two requests computed the same block at once) leaves this copy uncached.
+        ``token_ids`` (the sequence's tokens) and ``root`` (its namespace's chain root)
+        are kept with each block, so later hits can be confirmed (match_prefix)."""
         if not self.enable_prefix_caching or end <= start:
             return 0
         stored: list[BlockHash] = []
@@ -155,6 +191,8 @@ class BlockManager:
                     stored = []
                 continue
             blk.block_hash, blk.parent_hash = h, parent
+            blk.chained_on = root if parent is None else parent
+            blk.token_ids = None if token_ids is None else tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self._cached[h] = blk.block_id
             if not stored:
                 first_parent = parent
@@ -169,7 +207,7 @@ class BlockManager:
         if len(self._free) != self.num_blocks:
             return False
         for blk in self.blocks:
-            blk.block_hash = blk.parent_hash = None
+            blk.block_hash = blk.parent_hash = blk.chained_on = blk.token_ids = None
         self._cached.clear()
         self._emit(AllBlocksCleared(self._next_seq()))
         return True
@@ -197,7 +235,7 @@ class BlockManager:
     def _uncache(self, blk: KVBlock) -> None:
         if self._cached.get(blk.block_hash) == blk.block_id:
             del self._cached[blk.block_hash]
-        blk.block_hash = blk.parent_hash = None
+        blk.block_hash = blk.parent_hash = blk.chained_on = blk.token_ids = None
 
     def _next_seq(self) -> int:
         self._event_seq += 1

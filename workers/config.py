@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
+    # The deployment's secret key of the block hashes (cluster/block_hash.py); None: the
+    # public test seed. Secret: not in repr, so never in a log line.
+    hash_seed: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cluster.block_hash import BlockHasher
 from cluster.worker_api import CapacityError, RequestOutput
 from workers.attention import get_backend
 from workers.block_manager import BlockManager
@@ -90,6 +91,7 @@ class Engine:
             raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds no block of {spec.bytes_per_block} bytes")
         self.kv_cache = KVCache(spec, num_blocks, loaded.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.hasher = BlockHasher(config.block_size, config.hash_seed)  # the deployment's keyed block hash
         self.scheduler = Scheduler(config, self.block_manager)
         source = loaded.source
         grammars = Grammars(lambda: load_hf_tokenizer(source)) if source is not None else None
@@ -138,7 +140,7 @@ class Engine:
     ) -> None:
         """``rng_state`` continues another request's sampling RNG (a migrated request)."""
         self.validate(request_id, prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
+        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size, self.hasher)
         if rng_state is not None:
             req.generator = generator_from_state(rng_state)
         self.requests[request_id] = req
@@ -166,9 +168,9 @@ class Engine:
         ``suffix_slots(region_start, region_tokens)`` says how many KV slots the shipped
         suffix needs (default: one per token; fewer for a sparse payload)."""
         self.validate(request_id, prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size)
+        req = Request(request_id, list(prompt_token_ids), params, self.config.block_size, self.hasher)
         bm = self.block_manager
-        prefix = bm.match_prefix(req.block_hashes)  # full prompt blocks only
+        prefix = bm.match_prefix(req.block_hashes, req.token_ids, req.root_hash)  # full prompt blocks only
         start = prefix.num_blocks * self.config.block_size
         region = req.num_prompt_tokens - start
         slots = region if suffix_slots is None else suffix_slots(start, region)
@@ -244,7 +246,7 @@ class Engine:
                 self.kv_cache.layer(layer)[ids] = buf.view(shape).to(self.kv_cache.storage.device, spec.dtype)
         req.num_computed_tokens = req.num_prompt_tokens
         full = req.num_prompt_tokens // self.config.block_size
-        self.block_manager.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
+        self.block_manager.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full, req.token_ids, req.root_hash)
         req.num_cached_blocks = full
 
     def _install_tokens(self, req: Request, kv: "ReceivedKV") -> bool:

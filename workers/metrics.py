@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,6 +57,11 @@ class _WorkerCollector(Collector):
             fam.add_metric(values, float(getattr(stats, field)))
             yield fam
         sched, bm = w.engine.scheduler, w.engine.block_manager
+        fam = CounterMetricFamily("kvrelay_prefix_cache_hash_mismatches",
+                                  "Prefix-cache hash hits refused because the block held other tokens (collisions)",
+                                  labels=["role", "worker"])
+        fam.add_metric(values, float(bm.hash_mismatches))
+        yield fam
         for name, doc, value in (
             ("kvrelay_kv_cache_usage_ratio", "Fraction of this worker's KV blocks in use (0..1)", bm.usage),
             ("kvrelay_running_requests", "Requests in this worker's running batch", len(sched.running)),
@@ -106,6 +111,7 @@ class WorkerMetrics:
     def __init__(self, worker: "WorkerBase") -> None:
         role, name = worker.spec.role, f"{worker.spec.role}-{worker.spec.index}"
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes etc. (RSS growth in the soak run)
         self.queue_time = Histogram(
             "kvrelay_request_queue_time_seconds", "Time a request waited in this worker's queue before it was first scheduled",
             ["role", "worker"], buckets=QUEUE_TIME_BUCKETS, registry=self.registry,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cluster.block_hash import BlockHash, hash_blocks
+from cluster.block_hash import BlockHash, BlockHasher
 from cluster.worker_api import TokenLogprobs
 from workers.sampling_params import SamplingParams
 
@@ -85,7 +85,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     block_size: int
-    extra_keys: tuple[str, ...] = ()
+    # The deployment's block hash (its secret seed); None: the public test seed.
+    hasher: BlockHasher | None = field(default=None, repr=False)
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -93,6 +94,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
+    root_hash: BlockHash = field(init=False)  # the parent of its first block: its namespace's chain root
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
@@ -114,10 +116,20 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        self.block_hashes = hash_blocks(self.token_ids, self.block_size, self.extra_keys)
+        if self.hasher is None:
+            self.hasher = BlockHasher(self.block_size)
+        elif self.hasher.block_size != self.block_size:
+            raise ValueError(f"hasher block size {self.hasher.block_size} != request block size {self.block_size}")
+        self.root_hash = self.hasher.root(self.namespace)
+        self.block_hashes = self.hasher.hash_blocks(self.token_ids, self.namespace)
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * self.num_prompt_tokens
             self.min_uncached_tokens = self.num_prompt_tokens
+
+    @property
+    def namespace(self) -> str | None:
+        """The prefix-cache namespace its block hashes are chained under."""
+        return self.params.cache_namespace
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -156,4 +168,4 @@ class Request:
         self.token_ids.append(token_id)
         if self.num_tokens % self.block_size == 0:  # a block just filled: extend the chain
             parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes += hash_blocks(self.token_ids[-self.block_size :], self.block_size, self.extra_keys, parent)
+            self.block_hashes += self.hasher.hash_blocks(self.token_ids[-self.block_size :], self.namespace, parent)

@@ -38,6 +38,10 @@ class SamplingParams:
     # Logprobs of the prompt's own tokens (echo): None: none; k >= 0: each prompt
     # token's logprob and the top k at its position (the first token has none).
     prompt_logprobs: int | None = None
+    # Not sampling, but it travels with the request the same way: the prefix-cache
+    # namespace its block hashes are chained under (cluster.block_hash.cache_namespace:
+    # from the request's cache_salt or its API key). None: the shared default.
+    cache_namespace: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

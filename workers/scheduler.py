@@ -123,7 +123,7 @@ class Scheduler:
             # A full prefix hit still recomputes the last block: one token must run
             # through the model to produce logits (more if the request needs them).
             usable = max(0, req.num_tokens - req.min_uncached_tokens) // self.bm.block_size
-            prefix = self.bm.match_prefix(req.block_hashes[:usable])
+            prefix = self.bm.match_prefix(req.block_hashes[:usable], req.token_ids, req.root_hash)
             if prefix.num_blocks < usable and req.block_hashes[prefix.num_blocks] in computing:
                 # Its next block is being computed by a running request (a burst sharing
                 # a prompt, or a turn placed here while the previous one still prefills):
@@ -182,7 +182,7 @@ class Scheduler:
         if req.private_from_block is not None:  # lossy KV from here on: never shared
             full = min(full, req.private_from_block)
         if full > req.num_cached_blocks:
-            self.bm.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
+            self.bm.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full, req.token_ids, req.root_hash)
             req.num_cached_blocks = full
 
     def finish(self, req: Request, status: RequestStatus) -> None:

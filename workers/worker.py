@@ -125,6 +125,7 @@ class WorkerBase:
             transfer_bytes=self.transfer_bytes, transfer_full_bytes=self.transfer_full_bytes,
             transfer_by_preset={k: list(v) for k, v in self.transfer_by_preset.items()},
             compression_fallbacks=self.fallbacks(),
+            prefix_cache_hash_mismatches=self.engine.block_manager.hash_mismatches,
         )
         return out
 

@@ -298,6 +298,12 @@ def overview() -> dict:
                      panels, variables=[TTFT_SLO, ITL_SLO])
 
 
+# kvrelay_router_placement_cost parts in tokens of prefill work; the local-prefill flag; MiB shipped
+COST_TOKEN_PARTS = 'part=~"prefill_uncached_tokens|prefill_queued_tokens|prefill_cost|decode_cost|local_cost"'
+LOCAL = '{part="local_prefill"}'
+SHIP = '{part="decode_ship_mib"}'
+
+
 def kv_routing() -> dict:
     kv_usage = "max by (worker) (kvrelay_kv_cache_usage_ratio)"
     panels = [
@@ -334,6 +340,22 @@ def kv_routing() -> dict:
               "(the chosen prefill worker, or the decode / colocated worker), by policy.",
               [(f"sum by (policy, worker) ({rate('kvrelay_router_decisions_total')})", "{{worker}} ({{policy}})")],
               w=12, unit="reqps", min=0),
+        panel("timeseries", "Placement cost of the chosen workers (kv_aware)",
+              "kv_aware's cost of the placements it made, part by part, in tokens of prefill work "
+              "(router/placement.py): prefill_uncached_tokens = prompt tokens the chosen worker must compute, "
+              "prefill_queued_tokens = uncached tokens already queued there, prefill_cost / decode_cost = the two "
+              "sides of a (prefill, decode) pair, local_cost = a decode worker prefilling a short rest itself. "
+              "Uncached tokens rising at steady traffic mean prefixes are lost (evictions, or placement by load).",
+              [(quantile(q, "kvrelay_router_placement_cost", "part", "{" + COST_TOKEN_PARTS + "}"), f"p{p} {{{{part}}}}")
+               for q, p in ((0.5, 50), (0.9, 90))], w=12, min=0),
+        panel("timeseries", "Local prefills and bytes shipped (kv_aware)",
+              "Share of placements where the decode worker prefilled the rest of the prompt itself (it held more "
+              "of it than any prefill worker; nothing shipped), and the MiB each placement had the prefill worker "
+              "ship to the decode worker (p50 / p90).",
+              [(f"sum({rate('kvrelay_router_placement_cost_sum', LOCAL)}) / "
+                f"sum({rate('kvrelay_router_placement_cost_count', LOCAL)})", "local prefill share"),
+               (quantile(0.5, "kvrelay_router_placement_cost", selector=SHIP), "MiB shipped p50"),
+               (quantile(0.9, "kvrelay_router_placement_cost", selector=SHIP), "MiB shipped p90")], w=12, min=0),
         panel("timeseries", "Residency index size", "Blocks the router's residency index tracks, per pool.",
               [("sum by (pool) (kvrelay_router_index_blocks)", "{{pool}}")], w=6, min=0),
         panel("timeseries", "Residency index evictions", "Entries per second the index dropped to stay under "

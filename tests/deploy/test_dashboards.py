@@ -26,7 +26,8 @@ from prometheus_client.utils import floatToGoString
 
 # Label values and buckets come from the code that exports them (one source for the contract).
 from cluster.compression import PRESETS
-from router.metrics import ADMISSION_REJECTIONS, E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS, WAIT_BUCKETS
+from router.metrics import ADMISSION_REJECTIONS, COST_BUCKETS, E2E_BUCKETS, ITL_BUCKETS, STATUSES, TTFT_BUCKETS, WAIT_BUCKETS
+from router.placement import COST_PARTS
 from workers.metrics import FALLBACK_REASONS, KEPT_FRACTION_BUCKETS, QUEUE_TIME_BUCKETS, TRANSFER_BUCKETS
 from workers.metrics import TRANSFER_FAILURE_REASONS as REASONS
 
@@ -76,6 +77,8 @@ CONTRACT = {
     "kvrelay_generation_tokens_total": Metric("counter", (ROUTER,)),
     "kvrelay_router_predicted_hit_tokens_total": Metric("counter", (ROUTER,)),
     "kvrelay_router_decisions_total": Metric("counter", (ROUTER,), ("policy", "worker")),
+    "kvrelay_router_placement_cost": Metric("histogram", (ROUTER,), ("policy", "part"), buckets=COST_BUCKETS,
+                                            values={"part": COST_PARTS}),
     "kvrelay_router_index_blocks": Metric("gauge", (ROUTER,), ("pool",)),
     "kvrelay_router_index_evictions_total": Metric("counter", (ROUTER,), ("pool",)),
     "kvrelay_worker_up": Metric("gauge", (ROUTER,), ("role", "worker")),
@@ -90,6 +93,7 @@ CONTRACT = {
     "kvrelay_request_queue_time_seconds": Metric("histogram", ALL_WORKERS, buckets=QUEUE_TIME_BUCKETS),
     "kvrelay_prefix_cache_query_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefix_cache_hit_tokens_total": Metric("counter", ALL_WORKERS),
+    "kvrelay_prefix_cache_hash_mismatches_total": Metric("counter", ALL_WORKERS),
     "kvrelay_prefill_computed_tokens_total": Metric("counter", ALL_WORKERS),
     "kvrelay_kv_cache_usage_ratio": Metric("gauge", ALL_WORKERS),
     "kvrelay_running_requests": Metric("gauge", ALL_WORKERS),
@@ -338,7 +342,7 @@ def test_every_panel_kind_of_the_brief_is_there():
     assert "kvrelay_prompt_tokens_total" in overview and "kvrelay_generation_tokens_total" in overview
     for m in ("kv_cache_usage_ratio", "running_requests", "waiting_requests", "router_predicted_hit_tokens_total",
               "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "prefill_computed_tokens_total",
-              "router_decisions_total", "router_index_blocks", "preemptions_total"):
+              "router_decisions_total", "router_index_blocks", "preemptions_total", "router_placement_cost_bucket"):
         assert f"kvrelay_{m}" in kv, m
     for m in ("kv_transfer_bytes_total", "kv_transfer_full_bytes_total", "kv_transfer_full_16bit_bytes_total",
               "kv_transfer_seconds_bucket", "kv_transfer_failures_total", "kv_recomputes_total",

@@ -23,7 +23,7 @@ ROUTER_METRICS = {
     "kvrelay_router_predicted_hit_tokens_total", "kvrelay_router_decisions_total", "kvrelay_router_index_blocks",
     "kvrelay_router_index_evictions_total", "kvrelay_worker_up", "kvrelay_worker_restarts_total",
     "kvrelay_admission_queue_depth", "kvrelay_admission_wait_seconds_bucket", "kvrelay_admission_rejections_total",
-    "kvrelay_request_migrations_total", "kvrelay_request_retries_total",
+    "kvrelay_request_migrations_total", "kvrelay_request_retries_total", "kvrelay_router_placement_cost_bucket",
 }
 WORKER_METRICS = {
     "kvrelay_request_queue_time_seconds_bucket", "kvrelay_prefix_cache_query_tokens_total",

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 from prometheus_client import generate_latest
@@ -125,6 +126,75 @@ def test_full_queue_answers_at_once_and_says_so(router, tokenizer):
     assert isinstance(rejected, AdmissionRejected) and rejected.reason == "full"
     assert took < 5.0  # refused at once, with Retry-After (see tests/unit/test_admission.py)
     assert _metric(s, 'kvrelay_admission_rejections_total{pool="decode",reason="full"}') >= 1
+    hs = _idle(router)
+    assert all((h.running, h.waiting, h.kv_usage) == (0, 0, 0.0) for h in hs), hs
+
+
+def test_overload_excess_gets_429_with_retry_after_and_admitted_complete(router):
+    """The CI-sized overload (the 1,000-client run over real HTTP is bench/overload.py):
+    300 clients at once through the HTTP app (httpx over ASGI, in this process) against
+    router.max_inflight 64. Never more than 64 in flight; the excess gets 429 with
+    Retry-After in OpenAI's envelope; every admitted request completes; no other status;
+    the router's per-request bookkeeping returns to empty and it serves normally after."""
+    import httpx
+
+    from router.api import app, install
+
+    s = router.service
+    install(s)
+    original = s.config
+    s.config = original.model_copy(update={"router": original.router.model_copy(update={"max_inflight": 64})})
+    peak = [0]
+
+    async def burst():
+        start = asyncio.Event()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kvrelay", timeout=120) as c:
+            async def one(i: int) -> httpx.Response:
+                await start.wait()
+                return await c.post("/v1/completions", json={"model": s.model_id, "prompt": f"Client {i} says hello.",
+                                                             "max_tokens": 1, "temperature": 0})
+
+            async def watch() -> None:
+                while True:
+                    peak[0] = max(peak[0], s.inflight)
+                    await asyncio.sleep(0.01)
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(300)]
+            watcher = asyncio.ensure_future(watch())
+            await asyncio.sleep(0.1)
+            start.set()
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                watcher.cancel()
+
+    limited_before = _metric(s, 'kvrelay_requests_total{status="rate_limited"}')
+    t0 = time.monotonic()
+    try:
+        responses = router.run(burst(), timeout=120)
+    finally:
+        s.config = original
+    took = time.monotonic() - t0
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 429}, codes
+    assert codes[200] >= 64 and codes[429] >= 1, codes
+    assert 0 < peak[0] <= 64
+    for r in responses:
+        if r.status_code == 429:
+            err = r.json()["error"]
+            assert int(r.headers["retry-after"]) >= 1 and err["code"] == "rate_limit_exceeded" and err["type"], r.text
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 1
+    assert _metric(s, 'kvrelay_requests_total{status="rate_limited"}') - limited_before == codes[429]
+    assert took < 60, took
+    # Nothing of the burst is left behind, and the next request is served normally.
+    assert s.inflight == 0 and not s.inflight_by_key and not any(s._placed.values()) and not any(s._queued_tokens.values())
+    assert s.cluster.admission.depth == 0
+    async def normal() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvrelay", timeout=60) as c:
+            return await c.post("/v1/completions", json={"model": s.model_id, "prompt": "And now?", "max_tokens": 4})
+    assert router.run(normal()).status_code == 200
     hs = _idle(router)
     assert all((h.running, h.waiting, h.kv_usage) == (0, 0, 0.0) for h in hs), hs
 

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from cluster.block_hash import hash_blocks
 from cluster.config import ClusterConfig
 from cluster.worker_api import WorkerAPI
 from router.placement import make_policy
@@ -64,8 +63,9 @@ def router(ray_runtime):
 
 
 def _computed(r: RouterRunning) -> dict[str, int]:
+    """Prompt tokens each worker has computed, decode workers included (local prefills)."""
     stats = r.run(r.service.cluster.worker_stats())
-    return {f"{s['role']}-{s['index']}": s["prefill_computed_tokens"] for s in stats if s["role"] == "prefill"}
+    return {f"{s['role']}-{s['index']}": s["prefill_computed_tokens"] for s in stats}
 
 
 def _multi_turn(r: RouterRunning, tok, tag: str) -> dict[str, int]:
@@ -96,8 +96,47 @@ def test_kv_aware_computes_half_the_prefill_of_round_robin(router, tokenizer):
     rr = _multi_turn(router, tokenizer, "rr")
     s.policy_name, s.policy = "kv_aware", make_policy("kv_aware")
     kv = _multi_turn(router, tokenizer, "kv")
-    assert all(v > 0 for v in rr.values()) and all(v > 0 for v in kv.values()), (rr, kv)  # both workers used
-    assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)
+    for d in (rr, kv):  # both prefill workers used
+        assert all(v > 0 for w, v in d.items() if w.startswith("prefill")), (rr, kv)
+    assert sum(rr.values()) >= 2 * sum(kv.values()), (rr, kv)  # every worker's computed tokens
+
+
+def test_local_prefill_runs_on_the_decode_worker_with_the_same_tokens(router, tokenizer):
+    """A follow-up that extends a prompt with the answer the decode worker generated:
+    the decode worker holds one block more than the prefill worker, so kv_aware has it
+    prefill the rest itself (prefill None). It computes only that rest, and greedy
+    decoding gives the tokens a remote prefill of the same prompt gives."""
+    s = router.service
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def ask(prompt):
+        async def go():
+            result, toks = RequestResult(len(prompt)), []
+            async for ev in s.run(prompt, [greedy], [], result):
+                toks += ev.token_ids
+            return result, toks
+        return router.run(go(), 180)
+
+    # this fixture's decode pool is small (56 blocks): the KV-usage bound is lifted here
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware", local_prefill_max_tokens=256,
+                                                      local_prefill_max_kv_usage=1.0)
+    first = tokenizer.encode("[local prefill] " + long_text(700))
+    _, answer = ask(first)
+    follow = first + answer + tokenizer.encode(" Go on, briefly.")
+    time.sleep(0.3)
+    router.run(s.pump_events())
+    before = _computed(router)
+    local, local_tokens = ask(follow)
+    after = _computed(router)
+    assert local.placement.prefill is None and local.placement.decode == "decode-0"
+    computed = {w: after[w] - before[w] for w in after}
+    held = (len(first) + len(answer) - 1) // s.block_size * s.block_size  # the decode worker's full blocks
+    assert computed["decode-0"] == len(follow) - held == len(follow) - local.cached_tokens
+    assert all(v == 0 for w, v in computed.items() if w.startswith("prefill"))
+    s.policy = make_policy("kv_aware", local_prefill_max_tokens=0)  # the same prompt, shipped from a prefill worker
+    remote, remote_tokens = ask(follow)
+    assert remote.placement.prefill is not None
+    assert local_tokens == remote_tokens
 
 
 def test_a_follow_up_goes_where_its_prefix_is_still_being_computed(router, tokenizer):
@@ -112,7 +151,7 @@ def test_a_follow_up_goes_where_its_prefix_is_still_being_computed(router, token
     shared = tokenizer.encode("[burst] " + long_text(1600))
     prompts = [shared + tokenizer.encode(f" Question {i}: what is point {i}?") for i in range(2)]
     assert 300 < len(shared) < 400
-    assert not any(s.indexes["prefill"].match(hash_blocks(prompts[0], s.block_size), touch=False).blocks.values())  # cold
+    assert not any(s.indexes["prefill"].match(s.hasher.hash_blocks(prompts[0]), touch=False).blocks.values())  # cold
 
     async def one(prompt):
         result = RequestResult(len(prompt))
@@ -139,7 +178,7 @@ def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray
     checked = 0
     for w in s.cluster.prefill.workers:
         for p in prompts:
-            hashes = hash_blocks(p, s.block_size)
+            hashes = s.hasher.hash_blocks(p)  # the deployment's keyed hashes
             truth = router.run(w.handle.call(WorkerAPI.cached_prefix_blocks, hashes, timeout_s=10))
             assert index.match(hashes, touch=False).num_blocks(w.handle.name) == truth
             checked += truth == 0
@@ -165,3 +204,63 @@ def test_index_matches_workers_after_eviction_and_restart(router, tokenizer, ray
     time.sleep(0.3)
     router.run(s.pump_events())
     assert len(index.blocks_of(victim.handle.name)) > 0
+
+
+def test_tenants_do_not_share_cached_prefixes_through_the_api(router):
+    """Prefix-cache isolation through the HTTP API (the FastAPI app over ASGI, on this
+    real cluster; this server has no API key, so any bearer key is a tenant): tenant B
+    sending tenant A's prompt gets no cached tokens, tenant A gets its own back, and so
+    does a request naming A's cache_salt under any key. Placement still works inside a
+    tenant: the router predicted the hit it got."""
+    import httpx
+
+    from router.api import app, install
+
+    s = router.service
+    s.policy_name, s.policy = "kv_aware", make_policy("kv_aware")
+    install(s)
+    messages = [{"role": "user", "content": "[isolation] " + long_text(1200) + " Summarize."}]
+
+    async def ask(key: str | None, salt: str | None = None) -> int:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        body = {"model": s.model_id, "messages": messages, "max_tokens": 2, "temperature": 0,
+                **({"cache_salt": salt} if salt else {})}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvrelay", timeout=120) as c:
+            r = await c.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.3)  # the KV events of this request reach the index
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    def predicted() -> float:
+        return s.metrics.predicted_hit_tokens._value.get()
+
+    assert router.run(ask("sk-tenant-a")) == 0  # cold
+    before = predicted()
+    hit_a = router.run(ask("sk-tenant-a"))  # the same tenant: its own prefix
+    assert hit_a >= 128, hit_a
+    assert predicted() - before >= hit_a  # the index, keyed alike, saw it coming
+    before = predicted()
+    assert router.run(ask("sk-tenant-b")) == 0  # another key: nothing of A's
+    assert predicted() == before  # and the router did not expect any
+    assert router.run(ask("sk-tenant-b")) >= 128  # B's own prefix
+    # No key: the shared default namespace, where the router's self-check probe went.
+    # It may hit the probe's blocks (the chat template's opening), never A's or B's.
+    from router.service import PROBE_TEXT
+
+    probe = s.tokenizer.apply_chat_template([{"role": "user", "content": PROBE_TEXT}])
+    ours = s.tokenizer.apply_chat_template(messages)
+    shared = next(i for i, (x, y) in enumerate(zip(probe, ours)) if x != y) // s.block_size * s.block_size
+    assert shared < 64
+    assert router.run(ask(None)) <= shared
+    # cache_salt: its own namespace whatever the key; the same salt shares it.
+    assert router.run(ask("sk-tenant-a", salt="team-x")) == 0
+    assert router.run(ask("sk-tenant-b", salt="team-x")) >= 128
+    # A 400 in OpenAI's envelope for a bad salt.
+    async def bad() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kvrelay", timeout=30) as c:
+            return await c.post("/v1/completions", json={"model": s.model_id, "prompt": "hi", "cache_salt": ""})
+    r = router.run(bad())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+    # No hash hit was refused for holding other tokens: isolation came from the keys.
+    stats = router.run(s.cluster.worker_stats())
+    assert sum(st["prefix_cache_hash_mismatches"] for st in stats) == 0

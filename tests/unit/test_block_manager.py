@@ -557,3 +557,71 @@ def test_block_size_16_pool():
     ids2 = bm.allocate(need - m.num_blocks, m)
     assert ids2 == [0, 1, 3]
     assert refs(bm, [0, 1, 2, 3]) == [2, 2, 1, 1]
+
+
+# ---- hash hits confirmed against token ids (issue 12) --------------------------------
+
+
+def test_confirmed_hit_with_tokens_and_root(bm):
+    t = toks(3 * BS)
+    h = hash_blocks(t, BS)
+    ids = bm.allocate(3)
+    bm.cache_blocks(ids, h, 0, 3, t)
+    assert bm.match_prefix(h, t) == PrefixMatch(tuple(ids), 0)
+    assert bm.match_prefix(h[:2], t) == PrefixMatch(tuple(ids[:2]), 0)
+
+
+def test_forced_collision_with_other_tokens_is_a_miss_and_counted(bm):
+    """Two prompts made to share hashes (what a 64-bit collision would do): the second
+    must not reuse the first's KV. Its first block's tokens match, the second's differ."""
+    a = toks(3 * BS)
+    b = list(a)
+    b[BS + 1] = 999  # block 1 differs
+    h = hash_blocks(a, BS)  # both are looked up under a's hashes: forced collision
+    ids = bm.allocate(3)
+    bm.cache_blocks(ids, h, 0, 3, a)
+    bm.free(ids)
+    m = bm.match_prefix(h, b)
+    assert m == PrefixMatch((ids[0],), 1, mismatched=True)  # only the truly equal block 0
+    assert bm.hash_mismatches == 0  # a query changes nothing
+    got = bm.allocate(2, m)  # b computes blocks 1 and 2 itself, in fresh blocks
+    assert got[0] == ids[0] and ids[1] not in got and ids[2] not in got
+    assert bm.hash_mismatches == 1  # counted when acted on
+    # a's chain is untouched and still confirmed for a itself.
+    assert bm.match_prefix(h, a) == PrefixMatch(tuple(ids), 2)
+
+
+def test_collision_on_the_first_block_or_in_the_chain_is_a_miss(bm):
+    a = toks(2 * BS)
+    h = hash_blocks(a, BS)
+    ids = bm.allocate(2)
+    bm.cache_blocks(ids, h, 0, 2, a, root=111)
+    # Same tokens under another namespace's root (a cross-tenant collision): a miss.
+    assert bm.match_prefix(h, a, root=222) == PrefixMatch((), 0, mismatched=True)
+    assert bm.match_prefix(h, a, root=111) == PrefixMatch(tuple(ids), 0)
+    # Block 1 found by hash but chained on another parent than the lookup's block 0.
+    other = [h[0] ^ 1, h[1]]
+    bm2 = BlockManager(NUM_BLOCKS, BS)
+    ids2 = bm2.allocate(2)
+    bm2.cache_blocks(ids2, h, 0, 2, a, root=111)
+    bm2.cache_blocks(bm2.allocate(1), other, 0, 1, a, root=111)  # other[0] holds a's block 0 tokens too
+    assert bm2.match_prefix(other, a, root=111) == PrefixMatch((2,), 0, mismatched=True)
+
+
+def test_lookup_without_tokens_is_by_hash_only(bm):
+    a = toks(2 * BS)
+    h = hash_blocks(a, BS)
+    ids = bm.allocate(2)
+    bm.cache_blocks(ids, h, 0, 2, a)
+    assert bm.match_prefix(h) == PrefixMatch(tuple(ids), 0)  # an advisory probe (cached_prefix_blocks)
+
+
+def test_evicted_block_forgets_its_tokens(bm):
+    a = toks(BS)
+    h = hash_blocks(a, BS)
+    [bid] = bm.allocate(1)
+    bm.cache_blocks([bid], h, 0, 1, a)
+    bm.free([bid])
+    bm.allocate(NUM_BLOCKS)  # evicts everything
+    assert bm.blocks[bid].token_ids is None and bm.blocks[bid].chained_on is None
+    assert bm.match_prefix(h, a) == NO_MATCH

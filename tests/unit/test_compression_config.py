@@ -68,3 +68,32 @@ def test_operator_presets_resolve_by_name_and_cannot_shadow_built_in_ones():
             ClusterConfig.build({}, {"transfer.compression.presets": bad})
     with pytest.raises(ConfigError, match="profile must be auto or a profile .json path"):
         ClusterConfig.build({}, {"transfer.compression.profile": "weights.txt"})
+
+
+# ---- prefix_cache: the deployment's block-hash seed (issue 12) --------------------------
+
+
+def test_hash_seed_generated_once_per_deployment_and_never_shown():
+    import json
+
+    from cluster.config import ClusterConfig, ConfigError
+
+    cfg = ClusterConfig.build({})
+    assert cfg.prefix_cache.hash_seed is None and cfg.engine_config().hash_seed is None
+    seeded = cfg.with_hash_seed()
+    seed = seeded.engine_config().hash_seed
+    assert isinstance(seed, bytes) and len(seed) == 32
+    assert seeded.with_hash_seed() is seeded  # idempotent: router and workers get the same one
+    assert cfg.with_hash_seed().engine_config().hash_seed != seed  # another start, another seed
+    hexed = seed.hex()
+    for shown in (repr(seeded), str(seeded), json.dumps(seeded.model_dump(mode="json")), repr(seeded.engine_config())):
+        assert hexed not in shown
+    # A configured seed (several deployments that must agree) is used as given.
+    fixed = ClusterConfig.build({"prefix_cache": {"hash_seed": "ab" * 32}})
+    assert fixed.with_hash_seed() is fixed and fixed.engine_config().hash_seed == bytes.fromhex("ab" * 32)
+    # Round trip as the Serve builder binds it (model_dump keeps the secret in python mode).
+    assert ClusterConfig.build(seeded.model_dump()).engine_config().hash_seed == seed
+    for bad, words in (("zz" * 16, "must be hex"), ("ab" * 8 + "a", "must be hex"), ("ab" * 15, "16 to 64 bytes")):
+        with pytest.raises(ConfigError, match=words) as e:
+            ClusterConfig.build({"prefix_cache": {"hash_seed": bad}})
+        assert "prefix_cache.hash_seed" in str(e.value) and bad not in str(e.value)

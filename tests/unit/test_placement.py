@@ -46,10 +46,24 @@ DEC = [W("d0")]  # a decode pool for prefill-only cases
         ("long prefix wins at equal queues", req(160, {"p0": 8}), [W("p0"), W("p1")], "p0", {"p0": 32, "p1": 160}),
         (
             "queued work outweighs a short prefix",
-            req(160, {"p0": 2}),
-            [W("p0", queued=200), W("p1")],
+            req(160, {"p0": 3}),
+            [W("p0", queued=300), W("p1")],
             "p1",
-            {"p0": 128 + 40, "p1": 160},
+            {"p0": 112 + 60, "p1": 160},
+        ),
+        (
+            "a match under a quarter of the prompt (a shared header) is no prefix",
+            req(160, {"p0": 2}),
+            [W("p0", queued=10), W("p1")],
+            "p1",
+            {"p0": 160 + 2, "p1": 160},
+        ),
+        (
+            "a quarter of the prompt is",
+            req(256, {"p0": 4}),
+            [W("p0", queued=10), W("p1")],
+            "p0",
+            {"p0": 192 + 2, "p1": 256},
         ),
         (
             "a long prefix is worth waiting behind less work than it saves",
@@ -186,7 +200,8 @@ def test_queue_weight_is_configurable():
     ],
 )
 def test_kv_aware_decode(case, request_, decode, expected, costs):
-    placement = make_policy("kv_aware").choose(request_, [W("p0")], decode)
+    # the decode half of a (P, D) pair: local prefill off (its own table is below)
+    placement = make_policy("kv_aware", local_prefill_max_tokens=0).choose(request_, [W("p0")], decode)
     assert placement.decode == expected, case
     assert {k: v for k, v in placement.costs.items() if k.startswith("d")} == pytest.approx(costs)
 
@@ -200,8 +215,102 @@ def test_kv_aware_joint_choice_and_its_parts():
     assert got.costs == pytest.approx({"p0": 96, "p1": 0, "d0": 256, "d1": 512 * 0.6 + 10})
     assert got.parts == pytest.approx({
         "prefill_uncached_tokens": 0, "prefill_queued_tokens": 0, "prefill_cost": 0,
-        "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256,
+        "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256, "local_prefill": 0,
     })
+
+
+# ---- kv_aware: local prefill (conditional disaggregation) ----------------------------
+
+# local(D) = uncached on D + 0.2 * queued on D + 16 * (running + waiting) + 512 * kv usage after
+# (nothing shipped); chosen when below the best pair's prefill(P) + decode(D) and when D
+# holds more leading blocks than every up prefill worker with <= 256 tokens left and at
+# most a quarter of its KV in use afterwards.
+# Prompt 160 tokens = 10 blocks, pools of 100 blocks, 1 MiB a block.
+
+
+@pytest.mark.parametrize(
+    "case, request_, prefill, decode, expected, cost",
+    [
+        (
+            "a chat turn: D generated the last answer, so it holds 9 blocks, P only the 7 of the last prompt",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0"), W("p1")], [W("d0", free=80)],
+            (None, "d0"), 16 + 512 * 0.21,  # remote: 48 + 512 * 0.21 + 1 MiB
+        ),
+        (
+            "P evicted the conversation, D still holds it: D computes the last block instead of P the whole prompt",
+            req(160, {}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", running=1, free=80)],
+            (None, "d0"), 16 + 16 + 512 * 0.21,
+        ),
+        (
+            "D holds no more than P: shipping from P (P's compute is not the decode batch's)",
+            req(160, {"p0": 9}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=50)],
+            ("p0", "d0"), None,
+        ),
+        (
+            "a longer match on a down prefill worker does not count",
+            req(160, {"p0": 9}, {"d0": 8}, block_bytes=MiB),
+            [W("p0", up=False), W("p1")], [W("d0", free=80)],
+            (None, "d0"), 32 + 512 * 0.22,
+        ),
+        (
+            "too much left to compute on D (over 256 tokens): ship from P",
+            req(800, {"p0": 30}, {"d0": 33}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=90)],
+            ("p0", "d0"), None,
+        ),
+        (
+            "D's queue of local prefills counts like a prefill worker's",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=80, queued=400)],
+            ("p0", "d0"), None,  # local 16 + 80 + ... > remote 48 + ... + 1
+        ),
+        (
+            "of two decode workers holding the conversation, the cheaper one prefills",
+            req(160, {"p0": 2}, {"d0": 9, "d1": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", running=3, free=80), W("d1", free=80)],
+            (None, "d1"), 16 + 512 * 0.21,
+        ),
+        (
+            "a decode worker over a quarter full afterwards is no candidate (its cached prefix may be evicted first)",
+            req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=70)],
+            ("p0", "d0"), None,  # usage after 1 - 69/100 = 0.31
+        ),
+        (
+            "a decode worker without room for the rest is no candidate",
+            req(160, {"p0": 2}, {"d0": 9}, block_bytes=MiB),
+            [W("p0")], [W("d0", free=0), W("d1", free=50)],
+            ("p0", "d1"), None,
+        ),
+    ],
+)
+def test_kv_aware_local_prefill(case, request_, prefill, decode, expected, cost):
+    got = make_policy("kv_aware", local_prefill_max_tokens=256).choose(request_, prefill, decode)
+    assert (got.prefill, got.decode) == expected, case
+    assert got.parts["local_prefill"] == (1.0 if expected[0] is None else 0.0)
+    if cost is not None:
+        assert got.parts["local_cost"] == pytest.approx(cost)
+        assert got.costs[f"{expected[1]}/local"] == pytest.approx(cost)
+        assert got.parts["decode_ship_mib"] == 0
+
+
+def test_local_prefill_can_be_turned_off():
+    r = req(160, {"p0": 7}, {"d0": 9}, block_bytes=MiB)
+    assert make_policy("kv_aware", local_prefill_max_tokens=256).choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
+    off = make_policy("kv_aware").choose(r, [W("p0")], [W("d0", free=80)])  # off by default
+    assert off.prefill == "p0" and off.parts["local_prefill"] == 0
+    assert make_policy("kv_aware", local_prefill_max_tokens=0).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=15).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
+    assert make_policy("kv_aware", local_prefill_max_tokens=16).choose(r, [W("p0")], [W("d0", free=80)]).prefill is None
+
+
+def test_round_robin_and_least_loaded_never_prefill_locally():
+    r = req(160, {}, {"d0": 9}, block_bytes=MiB)
+    for name in ("round_robin", "least_loaded"):
+        assert make_policy(name).choose(r, [W("p0")], [W("d0", free=80)]).prefill == "p0"
 
 
 def test_decode_worker_holding_the_prefix_wins_when_the_rest_is_equal():
@@ -239,6 +348,10 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"running_weight": -1},
         {"kv_usage_weight": float("nan")},
         {"transfer_weight": -0.5},
+        {"local_prefill_max_tokens": -1},
+        {"cold_match_share": 1.5},
+        {"local_prefill_max_kv_usage": -0.1},
+        {"footprint_weight": -1},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
@@ -358,11 +471,45 @@ def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
     pool = [W("p0"), W("p1")]
     chosen = [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(4)]
     assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
-    # a shared 1-block header saves 16 tokens: 81 queued tokens (x 0.2) undo it
-    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=81), W("p1")], [W("d0")]).prefill == "p1"
-    assert policy.choose(req(160, {"p0": 1}), [W("p0", queued=79), W("p1")], [W("d0")]).prefill == "p0"
     # a real prefix wins, every time
     assert {policy.choose(req(160, {"p1": 6}), pool, [W("d0")]).prefill for _ in range(4)} == {"p1"}
+    # the decisions in between did not advance the rotation: it goes on where it stopped
+    assert [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(2)] == chosen[:2]
+
+
+def test_cold_prompts_balance_on_recent_tokens():
+    """A prompt nobody holds pays footprint_weight (0.02) per prompt token placed on the
+    worker lately: a new conversation goes where less live prefix is cached, even
+    behind some queued work; a prompt a worker holds ignores the term."""
+    policy = make_policy("kv_aware")
+
+    def P(name, queued=0, recent=0.0):
+        return WorkerSnapshot(name, 0, 0, 100, 100, queued_tokens=queued, recent_tokens=recent)
+
+    busy_cache, quiet_cache = P("p0", recent=16000.0), P("p1", queued=300, recent=8000.0)
+    got = policy.choose(req(272, {"p0": 1}), [busy_cache, quiet_cache], DEC)  # a header is no prefix: cold
+    assert got.prefill == "p1"
+    assert got.costs == pytest.approx({"p0": 272 + 320, "p1": 272 + 60 + 160, "d0": got.costs["d0"]})
+    assert got.parts["prefill_cost"] == pytest.approx(272 + 60 + 160)
+    # a held prompt is placed by its prefix; the footprint plays no part
+    warm = policy.choose(req(272, {"p0": 10}), [busy_cache, quiet_cache], DEC)
+    assert warm.prefill == "p0" and warm.costs["p0"] == pytest.approx(272 - 160)
+    assert make_policy("kv_aware", footprint_weight=0.0).choose(req(272), [busy_cache, quiet_cache], DEC).prefill == "p0"
+
+
+def test_new_conversations_sharing_a_header_spread():
+    """Every conversation starts with the same 1-block system header. Counted as a
+    prefix, it sent each new conversation to the worker holding the first one (the
+    measured 5-of-6 imbalance); under cold_match_share it is no prefix, and new
+    conversations go where the fewest blocks are cached, then alternate."""
+    policy = make_policy("kv_aware")
+    fuller, emptier = WorkerSnapshot("p0", 0, 0, 100, 100, cached_blocks=40), WorkerSnapshot("p1", 0, 0, 100, 100, cached_blocks=10)
+    assert policy.choose(req(272, {"p0": 1}), [fuller, emptier], DEC).prefill == "p1"
+    chosen = [policy.choose(req(272, {"p0": 1}), [W("p0"), W("p1")], DEC).prefill for _ in range(4)]
+    assert sorted(chosen) == ["p0", "p0", "p1", "p1"] and chosen[0] != chosen[1]
+    # with the header counted (cold_match_share 0), every one goes to p0
+    counting = make_policy("kv_aware", cold_match_share=0.0)
+    assert {counting.choose(req(272, {"p0": 1}), [W("p0"), W("p1")], DEC).prefill for _ in range(4)} == {"p0"}
 
 
 def test_least_loaded_reports_its_parts():

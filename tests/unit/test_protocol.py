@@ -201,6 +201,10 @@ INVALID = [
     (CH, {**BASE_CH, "tool_choice": "auto"}, "tool_choice", "unsupported_parameter", "not supported"),
     (CH, {**BASE_CH, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter", "not supported"),
     (CH, {**BASE_CH, "stream": False, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value", "'stream'"),
+    (C, {**BASE_C, "cache_salt": ""}, "cache_salt", "invalid_value", "at least 1 character"),
+    (C, {**BASE_C, "cache_salt": "x" * 1025}, "cache_salt", "invalid_value", "at most 1024 characters"),
+    (C, {**BASE_C, "cache_salt": 5}, "cache_salt", "invalid_type", "expected a string"),
+    (CH, {**BASE_CH, "cache_salt": ["a"]}, "cache_salt", "invalid_type", "expected a string"),
 ]
 
 
@@ -414,3 +418,12 @@ def test_new_sampling_fields_reach_the_engine_parameters():
     r = chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}})
     assert json.loads(r.to_sampling_params(default_max_tokens=8).json_schema) == schema
     assert chat(response_format={"type": "text"}).to_sampling_params(default_max_tokens=8).json_schema is None
+
+
+def test_cache_salt_reaches_the_engine_as_the_namespace_the_api_resolved():
+    for req in (completion(cache_salt="tenant-a"), ChatCompletionRequest.model_validate({**BASE_CH, "cache_salt": "t"})):
+        assert req.cache_salt in ("tenant-a", "t")
+        assert req.to_sampling_params(default_max_tokens=8, cache_namespace="salt:x").cache_namespace == "salt:x"
+    assert completion(cache_salt=None).cache_salt is None  # null: the default
+    assert completion().to_sampling_params().cache_namespace is None
+    assert completion(cache_salt="x" * 1024).cache_salt == "x" * 1024

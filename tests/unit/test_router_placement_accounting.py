@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.block_hash import hash_blocks
 from cluster.config import ClusterConfig
 from cluster.kv_events import BlockStored
 from cluster.pool import WorkerState
@@ -51,7 +50,7 @@ def test_queued_tokens_from_placement_to_first_token(service):
     async def go():
         service.cluster = cluster = FakeCluster()
         prompt = list(range(1000, 1000 + 320))  # 20 blocks
-        hashes = hash_blocks(prompt, service.block_size)
+        hashes = service.hasher.hash_blocks(prompt)  # the router's keyed hashes
         service.indexes["prefill"].apply("prefill-1", [BlockStored(1, tuple(hashes[:12]), None)])
         result = RequestResult(len(prompt))
         events = []
@@ -98,3 +97,21 @@ def test_shipped_bytes_follow_the_compression_preset(service):
     assert service._shipped_block_bytes("int8") == per_token * bs * 1
     assert service._shipped_block_bytes("int4") == per_token * bs * 0.5
     assert service._shipped_block_bytes("balanced") == per_token * bs * 0.5 * 0.5  # keep 0.5, int4
+
+
+def test_recent_tokens_count_each_placed_prompt_and_decay(service, monkeypatch):
+    """Every placement adds its prompt tokens to the chosen compute worker's recent
+    tokens, which halve every RECENT_TOKENS_HALF_LIFE_S (the cold prompts' footprint)."""
+    import router.service as svc
+
+    service.cluster = FakeCluster()
+    clock = [1000.0]
+    monkeypatch.setattr(svc.time, "monotonic", lambda: clock[0])
+    service._recent.clear()
+    first = service.place(list(range(7000, 7000 + 160)))
+    snaps = {w.name: w.recent_tokens for w in service._snapshots("prefill")}
+    assert snaps[first.prefill] == pytest.approx(160) and sum(snaps.values()) == pytest.approx(160)
+    clock[0] += svc.RECENT_TOKENS_HALF_LIFE_S
+    assert {w.name: w.recent_tokens for w in service._snapshots("prefill")}[first.prefill] == pytest.approx(80)
+    # the next cold prompt goes to the other worker (the same queues, less footprint)
+    assert service.place(list(range(9000, 9000 + 160))).prefill != first.prefill
