@@ -163,7 +163,6 @@ def run(args: argparse.Namespace) -> dict:
         with server:
             data["systems"][system]["startup_s"] = server.startup_s
             for sc in args.scenarios:
-                # one warm-up request's worth: the first scenario's first prompts also warm the server
                 la0 = loadavg()
                 spies = []
                 if args.profile and system != "vllm" and sc == args.profile_scenario:
