@@ -33,6 +33,7 @@ class EngineSection(_Strict):
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
+    linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
 
 class PoolSection(_Strict):
@@ -209,7 +210,7 @@ class ClusterConfig(_Strict):
             kv_cache_memory_gb=e.kv_cache_memory_gb, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
-            attention_backend=e.attention_backend, num_threads=threads,
+            attention_backend=e.attention_backend, linear_kernel=e.linear_kernel, num_threads=threads,
             hash_seed=self.prefix_cache.seed_bytes(),
         )
 

@@ -27,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
+    linear_kernel: str = "auto"  # auto (onednn on CPU, torch elsewhere) | torch | onednn (workers/model/packed_linear.py)
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
     # The deployment's secret key of the block hashes (cluster/block_hash.py); None: the

@@ -24,6 +24,7 @@ from workers.grammar import Grammars, load_hf_tokenizer
 from workers.kv_cache import KVCache, KVCacheSpec
 from workers.loader import LoadedModel, load_model, resolve_model
 from workers.model_runner import ModelRunner
+from workers.model.packed_linear import set_linear_kernel
 from workers.request import CompactedKV, Request, RequestStatus, TokenLogprobs, generator_from_state, rng_state_bytes
 from workers.sampler import SampledToken, Sampler
 from workers.sampling_params import SamplingParams
@@ -78,6 +79,7 @@ class Engine:
         if loaded is None:
             loaded = load_model(resolve_model(config.model), dtype=dtype, device=device)
         self.loaded = loaded
+        self.linear_kernel = set_linear_kernel(loaded.model, config.linear_kernel)
         self.model_config = loaded.config
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
         if self.max_model_len > loaded.config.max_position_embeddings:
@@ -100,8 +102,8 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
-        log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s", num_blocks, config.block_size,
-                 self.kv_cache.nbytes / 2**20, backend.name)
+        log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s, linear kernel %s", num_blocks,
+                 config.block_size, self.kv_cache.nbytes / 2**20, backend.name, self.linear_kernel)
 
     # ---- requests -------------------------------------------------------------------
 
