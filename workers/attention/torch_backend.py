@@ -88,11 +88,13 @@ class TorchAttentionPlan:
             vals = cache[p.blk, 1, p.off].transpose(0, 1)
             qs = q[p.q_start : p.q_end].transpose(0, 1)  # [Hq, n, D]
             mask = p.mask if p.visible is None else p.mask & p.visible[layer][None, :]
-            o = F.scaled_dot_product_attention(
-                qs, keys, vals, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
-            out[p.q_start : p.q_end] = o.transpose(0, 1)
+            out[p.q_start : p.q_end] = self.prefill(qs, keys, vals, mask).transpose(0, 1)
         return out
+
+    def prefill(self, qs: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[Hq, n, D]: one chunk's queries against its context ``keys``/``vals`` [Hkv, L, D];
+        ``mask`` [n, L] (None: plain causal, the chunk is the whole context)."""
+        return F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
     def decode(self, layer: int, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """[Bd, Hq, D]: one new token per sequence against its whole context."""
