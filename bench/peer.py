@@ -102,7 +102,7 @@ def drive(url: str, scenario: str, out: Path, seed: int) -> dict:
            "--endpoint", "/v1/chat/completions", "--model", served_model(url), "--tokenizer", str(PEER_MODEL),
            *SCENARIOS[scenario][1], "--ignore-eos", "--temperature", "0", "--seed", str(seed),
            "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", "50,90,99",
-           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name, "--disable-tqdm"]
+           "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name, "--disable-tqdm"]
     log(f"{scenario}: {' '.join(shlex.quote(c) for c in cmd[1:])}")
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=1800)

@@ -69,7 +69,6 @@ class KVRelayCluster:
 
         def res(custom: dict[str, float]) -> Resources:
             return Resources(pools.cpus_per_worker, pools.gpus_per_worker, pools.max_restarts, tuple(sorted(custom.items())))
-        engine = config.engine_config()
         dl = config.deadlines
         # Colocated workers hand a compressed request's KV to themselves in process (the
         # same encode/decode path, no wire), so "compressed vs full" is measurable there too.
@@ -77,7 +76,7 @@ class KVRelayCluster:
 
         def specs(role: str, n: int) -> list[WorkerSpec]:
             return [
-                WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s,
+                WorkerSpec(role, i, config.engine_config(role), transport, dl.token_s, dl.transfer_s, dl.prefill_s,
                            layerwise=config.transfer.layerwise, compression=config.transfer.compression,
                            metrics_host=config.metrics.host,
                            metrics_port=config.metrics.worker_port if config.metrics.enabled else None)

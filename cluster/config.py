@@ -45,6 +45,10 @@ class PoolSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads; default: cpus_per_worker
+    # Per pool, over threads_per_worker (e.g. a decode pool that may use more cores than
+    # its share while the prefill pool idles).
+    prefill_threads: int | None = Field(None, ge=1)
+    decode_threads: int | None = Field(None, ge=1)
     max_restarts: int = Field(3, ge=-1)  # Ray restarts a dead worker up to this many times (-1: forever)
     # Extra Ray custom resources per worker actor, e.g. {"kvrelay_prefill": 1} so that
     # prefill actors land only on the pods of the prefill worker group (the Helm chart
@@ -201,9 +205,15 @@ class ClusterConfig(_Strict):
         seeded = self.prefix_cache.model_copy(update={"hash_seed": SecretStr(secrets.token_hex(32))})
         return self.model_copy(update={"prefix_cache": seeded})
 
-    def engine_config(self) -> EngineConfig:
-        e = self.engine
-        threads = self.pools.threads_per_worker or max(1, int(self.pools.cpus_per_worker))
+    def engine_config(self, role: str | None = None) -> EngineConfig:
+        """The engine of a worker of ``role`` ("prefill", "decode" or "colocated"; the
+        roles differ only in their thread count)."""
+        e, pools = self.engine, self.pools
+        threads = pools.threads_per_worker or max(1, int(pools.cpus_per_worker))
+        if role == "prefill" and pools.prefill_threads:
+            threads = pools.prefill_threads
+        elif role in ("decode", "colocated") and pools.decode_threads:
+            threads = pools.decode_threads
         device = "cuda" if self.pools.gpus_per_worker > 0 else "cpu"
         return EngineConfig(
             model=e.model, dtype=e.dtype, device=device, block_size=e.block_size,
