@@ -158,13 +158,19 @@ class KVReceiver:
     """Decode side of one transfer: posts its receives at once (so layers can land
     while the prefill still runs) and records when each layer arrived."""
 
-    def __init__(self, transport: KVTransport, desc: TransferDescriptor, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, transport: KVTransport, desc: TransferDescriptor, dtype: torch.dtype, device: torch.device,
+                 wait_s: float | None = None) -> None:
+        """``wait_s``: how long the pages may take from now (default the descriptor's
+        transfer deadline). A receiver posted at reservation, before the prefill runs,
+        must also allow for the prefill, which may queue behind others on its worker."""
         self.transport, self.desc = transport, desc
         lay = desc.layout
-        self.deadline = time.monotonic() + desc.timeout_s
+        wait_s = desc.timeout_s if wait_s is None else wait_s
+        self.wait_s = wait_s
+        self.deadline = time.monotonic() + wait_s
         self.layer_received_at: dict[int, float] = {}
         self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
-        self._header_f = transport.recv(desc.tag | HEADER, self._header, desc.timeout_s)
+        self._header_f = transport.recv(desc.tag | HEADER, self._header, wait_s)
         if desc.plan.identity:
             shape = (desc.num_blocks, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
             self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(lay.num_layers)]
@@ -173,7 +179,7 @@ class KVReceiver:
         self._layer_f: list[Future] = []
         if desc.num_blocks:
             for i, buf in enumerate(self.layers):
-                f = transport.recv(desc.tag | i, buf, desc.timeout_s)
+                f = transport.recv(desc.tag | i, buf, wait_s)
                 f.add_done_callback(lambda _f, i=i: self.layer_received_at.setdefault(i, time.time()))
                 self._layer_f.append(f)
 
@@ -188,7 +194,7 @@ class KVReceiver:
             for f in self._layer_f:
                 sizes.append(await _as_future(f, self.deadline - time.monotonic()))
         except (asyncio.TimeoutError, TimeoutError):
-            raise TransferError("timeout", f"KV for {self.desc.request_id} did not arrive within {self.desc.timeout_s}s") from None
+            raise TransferError("timeout", f"KV for {self.desc.request_id} did not arrive within {self.wait_s}s") from None
         ack = np.array([ACK_OK] + [0] * 7, dtype=np.uint8)
         self.transport.send(bytes.fromhex(header["sender"]), self.desc.tag | ACK, ack, 5.0)
         identity = self.desc.plan.identity

@@ -8,6 +8,7 @@ accepts over the wire (the same methods as ``WorkerAPI``; a test checks they mat
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,6 +44,12 @@ async def _forward(agen: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 class WorkerActor:
     def __init__(self, spec: WorkerSpec) -> None:
+        if (spec.engine.num_threads or 1) > 1:
+            # Several workers share the cores: OpenMP threads that spin at every barrier
+            # while another process holds the core slow a 2-thread step down 8x (measured
+            # on 2 cores); sleeping threads cost little. Read when torch loads, which is
+            # below (this actor module is torch-free).
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._w = worker_class(spec.role)(spec)
 
     async def health(self):

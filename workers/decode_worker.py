@@ -69,7 +69,11 @@ class DecodeWorker(WorkerBase):
             plan=plans["plan"],
         )
         kv = self.engine.kv_cache.storage
-        receiver = KVReceiver(self.transport, desc, kv.dtype, kv.device)
+        # The pages follow the prefill, which may wait behind other prompts on its worker:
+        # posted now, the receives allow for the prefill's deadline as well as the
+        # transfer's (decode() bounds the wait after the first token by the transfer's).
+        receiver = KVReceiver(self.transport, desc, kv.dtype, kv.device,
+                              wait_s=self.spec.prefill_timeout_s + self.spec.transfer_timeout_s)
         # Pages land (and are acked) whenever they come, independent of decode() being
         # called yet: the prefill worker never waits on the coordinator.
         arrival = asyncio.get_running_loop().create_task(self._arrive(receiver))
@@ -136,7 +140,13 @@ class DecodeWorker(WorkerBase):
         kv = None
         if first_token is not None:
             try:
-                kv = await arrival  # bounded by the transfer deadline inside the receiver
+                # The prefill is done (its first token is here) and has sent its layers as
+                # it computed them: what is left of the transfer gets the transfer deadline.
+                kv = await asyncio.wait_for(arrival, self.spec.transfer_timeout_s)
+            except asyncio.TimeoutError:
+                self.transfer_failures["timeout"] += 1
+                log.warning("KV for %s not here %.0fs after its first token: recomputing on the decode worker",
+                            request_id, self.spec.transfer_timeout_s)
             except TransferError as e:
                 self.transfer_failures[e.reason] += 1
                 log.warning("KV transfer for %s failed (%s): recomputing on the decode worker", request_id, e)

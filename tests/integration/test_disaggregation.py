@@ -210,6 +210,29 @@ def test_broken_transfer_is_recomputed_on_decode(tokenizer, colocated_outputs, p
         c.close()
 
 
+def test_kv_waits_for_a_prefill_that_queued_past_the_transfer_deadline(colocated_outputs, prompts):
+    """The decode worker posts its receives at reservation, before the prefill runs. A
+    prefill that starts later than ``transfer_s`` after that (queued behind other prompts
+    on its worker) still hands its KV over: no recompute on the decode worker."""
+    cfg = _config(transfer={"transport": "inprocess"}, deadlines={"transfer_s": 1.0})
+    cluster = KVRelayCluster(cfg, use_ray=False)
+    c = Running(cluster)
+    try:
+        worker = cluster.prefill.workers[0].handle.target
+        prefill = worker.prefill
+
+        async def queued_prefill(*args, **kwargs):
+            await asyncio.sleep(2.5)  # behind other prompts, longer than the transfer deadline
+            return await prefill(*args, **kwargs)
+
+        worker.prefill = queued_prefill
+        assert c.generate(prompts[0]) == colocated_outputs[0]
+        d = c.call(cluster.decode, 0, WorkerAPI.stats)
+        assert d["kv_recomputes"] == 0 and not d["transfer_failures"], d
+    finally:
+        c.close()
+
+
 def test_prefill_worker_death_mid_request(ucx_cluster, tokenizer, ray_runtime):
     c = ucx_cluster
     prompt = tokenizer.encode("Long one: " + long_text(7000))
