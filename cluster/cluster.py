@@ -80,7 +80,8 @@ class KVRelayCluster:
                 WorkerSpec(role, i, engine, transport, dl.token_s, dl.transfer_s, dl.prefill_s,
                            layerwise=config.transfer.layerwise, compression=config.transfer.compression,
                            metrics_host=config.metrics.host,
-                           metrics_port=config.metrics.worker_port if config.metrics.enabled else None)
+                           metrics_port=config.metrics.worker_port if config.metrics.enabled else None,
+                           heap_trim_s=pools.heap_trim_s)
                 for i in range(n)
             ]
 
