@@ -327,7 +327,13 @@ class RouterService:
         namespace = params[0].cache_namespace
         hashes = self.hasher.hash_blocks(prompt, namespace)
         try:
-            placement, hit = self._place(prompt, hashes, compression)
+            try:
+                placement, hit = self._place(prompt, hashes, compression)
+            except NoCandidateError:
+                # A pool has no worker up: if one is restarting, wait for it in the
+                # admission queue (bounded, within its deadline) rather than fail.
+                placement, hit = await self.cluster.wait_for_workers(
+                    lambda: self._place(prompt, hashes, compression), NoCandidateError)
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement
