@@ -91,7 +91,10 @@ def main() -> None:
         snap0 = tracemalloc.take_snapshot()
     print(f"after start-up: RSS {rss0:.1f} MiB", flush=True)
     t0 = time.monotonic()
-    run(asyncio.gather(*(session() for _ in range(args.concurrency))))
+    async def sessions() -> None:
+        await asyncio.gather(*(session() for _ in range(args.concurrency)))
+
+    run(sessions())
     wall = time.monotonic() - t0
     gc.collect()
     rss1, types1 = rss_mib(), object_types()
