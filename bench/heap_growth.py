@@ -49,7 +49,7 @@ def main() -> None:
 
     from cluster.cluster import KVRelayCluster
     from cluster.config import ClusterConfig
-    from workers import heap_trim
+    from cluster import heap_trim
     from workers.sampling_params import SamplingParams
 
     cfg = ClusterConfig.build({"engine": {"max_model_len": 4096}, "transfer": {"transport": args.transport},

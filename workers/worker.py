@@ -23,7 +23,7 @@ from cluster.worker_api import WorkerHealth, WorkerSpec  # noqa: F401 - WorkerSp
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
 from cluster.worker_api import RequestOutput
-from workers import heap_trim
+from cluster import heap_trim
 from workers.engine import Engine
 from workers.metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams

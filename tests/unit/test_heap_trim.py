@@ -1,4 +1,4 @@
-"""workers/heap_trim.py: free heap that glibc keeps below a live chunk goes back to the
+"""cluster/heap_trim.py: free heap that glibc keeps below a live chunk goes back to the
 kernel on a trim (the reason a long-running worker's RSS climbed in the soak), and the
 cluster configures every worker's trimmer."""
 
@@ -10,7 +10,7 @@ import platform
 
 import pytest
 
-from workers import heap_trim
+from cluster import heap_trim
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 

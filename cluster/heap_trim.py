@@ -11,10 +11,11 @@ pages inside them (``madvise(MADV_DONTNEED)``); nothing is moved or invalidated.
 
 Measured (``bench/heap_growth.py``: an in-process prefill + decode pair, 160 chat
 requests): the process grew by 183 MiB, 179 MiB of which one ``malloc_trim(0)`` gave
-back; tracemalloc and gc saw no growing Python structure. So the worker runs one
-trim every ``interval_s`` on a daemon thread, off the engine and the event loop. A trim
-of a ~2.5 GiB worker takes milliseconds; mallocs of other threads wait on the arena
-lock meanwhile.
+back; tracemalloc and gc saw no growing Python structure. So every worker process
+(``WorkerBase``) and the router (``RouterService.start``: a burst of a thousand requests
+leaves free heap behind it too) run one trim every ``interval_s`` on a daemon thread,
+off the engine and the event loop; mallocs of other threads wait on the arena lock
+while it runs.
 
 One trimmer per process (in-process tests build several workers in one process).
 Elsewhere than glibc (macOS, musl) it does nothing.
