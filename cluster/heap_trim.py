@@ -9,13 +9,23 @@ climbs to the high-water mark of that fragmentation and stays there, though Pyth
 and torch hold none of it. ``malloc_trim(0)`` walks every arena and releases the free
 pages inside them (``madvise(MADV_DONTNEED)``); nothing is moved or invalidated.
 
-Measured (``bench/heap_growth.py``: an in-process prefill + decode pair, 160 chat
-requests): the process grew by 183 MiB, 179 MiB of which one ``malloc_trim(0)`` gave
-back; tracemalloc and gc saw no growing Python structure. So every worker process
-(``WorkerBase``) and the router (``RouterService.start``: a burst of a thousand requests
-leaves free heap behind it too) run one trim every ``interval_s`` on a daemon thread,
-off the engine and the event loop; mallocs of other threads wait on the arena lock
-while it runs.
+Measured (``python -m bench.heap_growth``: an in-process prefill + decode pair, 160
+chat requests, 4 at a time): the process grew by 183 MiB, and one ``malloc_trim(0)``
+once the load was over gave 179 MiB back (an earlier version of that script, trimming
+off); Python's gc saw no growing object type; ``MALLOC_ARENA_MAX=2`` changed nothing
+(168 grown, 178 returned). So every worker process (``WorkerBase``) and the router
+(``RouterService.start``) run one trim every ``interval_s`` on a daemon thread, off the
+engine and the event loop (a trim takes ~10-15 ms; mallocs of other threads wait on the
+arena lock meanwhile).
+
+What it does not do: bound the growth *during* a continuous load. With the trim every
+30 s the same run still grew by 134 MiB under load, and 144 MiB came back only once it
+was idle (``--heap-trim-s 30``); the 10-minute soak shows the same (decode worker +172
+MiB under load, +4 MiB after): while requests run, most of it is either still in use
+or not free in whole pages (which of the two is not measured). A fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``: large buffers mmapped
+and unmapped on free, never parked in an arena) halved it in one run (+87 MiB under load,
+65 returned once idle) but is not the default: it is one run, and it changes how every
+large tensor of the engine is allocated.
 
 One trimmer per process (in-process tests build several workers in one process).
 Elsewhere than glibc (macOS, musl) it does nothing.
