@@ -163,14 +163,23 @@ def write(res: dict, tag: str) -> Path:
             ("ITL p50 / p99 (ms)", f"{ms(s['itl_s'], 'p50')} / {ms(s['itl_s'], 'p99')}"),
             ("end to end p50 / p99 (ms)", f"{ms(s['e2e_s'], 'p50')} / {ms(s['e2e_s'], 'p99')}"),
             ("prompt tokens reported cached", f"{s['cached_tokens_reported']} of {s['prompt_tokens']}")]
-    rss_rows = [(n, g["first_mib"], g["last_mib"], g["max_mib"], g["growth_mib"]) for n, g in sorted(res["rss_growth"].items())]
+    def under_load(name: str) -> float:
+        """The last sample taken while the load ran (the run's last one is taken after it)."""
+        series = [d[name] for _, d in res["rss"] if name in d]
+        return series[-2] if len(series) > 2 else series[-1]
+
+    rss_rows = [(n, g["first_mib"], under_load(n), f"{under_load(n) - g['first_mib']:.1f}", g["last_mib"], g["max_mib"],
+                 g["growth_mib"]) for n, g in sorted(res["rss_growth"].items())]
     win_rows = [(w["minute"], w["requests"], ms(w["ttft_s"], "p50"), ms(w["ttft_s"], "p99"), ms(w["itl_s"], "p99"),
                  ms(w["e2e_s"], "p99")) for w in res["windows"]]
     calib = [(c["concurrency"], c["ok"], c["errors"], f"{c['output_tok_per_s']:.1f}", f"{c['requests_per_s']:.2f}",
               f"{c['e2e_p50_s']:.2f}") for c in res["calibration"]]
     mi = res["machine"]
+    cmd = f"python -m bench.soak --duration {res['duration_s']:.0f}"
+    if not res["calibration"]:
+        cmd += f" --concurrency {res['concurrency']}"
     md = [f"# Soak{(' ' + tag.strip('-')) if tag else ''}", "",
-          f"`python -m bench.soak --duration {res['duration_s']:.0f}`: `kvrelay serve` (1 prefill + 1 decode worker over "
+          f"`{cmd}`: `kvrelay serve` (1 prefill + 1 decode worker over "
           f"UCX, SmolLM2, defaults otherwise) under {res['concurrency']} closed-loop streaming chat sessions (up to "
           f"{TURNS} turns each, then a new conversation; greedy and sampled; max_tokens 32) for "
           f"{res['duration_s'] / 60:.0f} minutes. {mi['cpu']}, {mi['logical_cpus']} CPUs, commit {mi['git_commit']}; "
@@ -180,8 +189,10 @@ def write(res: dict, tag: str) -> Path:
           "throughput is the soak's load):", "",
           *(md_table(["sessions", "ok", "errors", "out tok/s", "req/s", "e2e p50 (s)"], calib, "rrrrrr") if calib
             else ["(given with --concurrency)"]), "",
-          "Resident memory (MiB; first = the first sample after the load began):", "",
-          *md_table(["process", "first", "last", "max", "growth"], rss_rows, "lrrrr"), "",
+          "Resident memory (MiB; first = the first sample after the load began; last under load = the last sample "
+          "while it ran; after = once it ended):", "",
+          *md_table(["process", "first", "last under load", "growth under load", "after", "max", "growth after"],
+                    rss_rows, "lrrrrrr"), "",
           "Per minute (ms):", "",
           *md_table(["minute", "requests", "TTFT p50", "TTFT p99", "ITL p99", "e2e p99"], win_rows, "rrrrrr"), "",
           f"![soak](soak{tag}.png)", "", *reading_section(RESULTS / f"soak{tag}.md")]

@@ -1,7 +1,7 @@
 """Admission: requests wait here, per pool, until a decode worker can reserve their KV.
 
-A request whose decode reservation is refused everywhere (``CapacityError``) does not
-fail: it queues, FIFO, retries and migrations ahead of fresh requests, and only the
+A request whose decode reservation is refused everywhere (``CapacityError``), or that
+finds no worker of a pool up while Ray restarts one, does not fail: it queues, FIFO, retries and migrations ahead of fresh requests, and only the
 head of the queue tries again (when a request on the pool ends, else every
 ``POLL_S``). The prefill never starts before the reservation is granted, so a waiting
 request holds no KV anywhere.
@@ -66,15 +66,16 @@ class AdmissionQueue:
     async def admit(self, attempt: Callable[[], Awaitable[T]], *, retry: bool = False) -> T:
         """``attempt()`` reserves, or raises CapacityError when no worker has room.
         Returns its result; raises AdmissionRejected, or whatever else attempt raises."""
+        why = "no free KV"  # the last CapacityError's words, for the refusal
         if self.depth == 0:  # nobody ahead: try at once
             try:
                 return await attempt()
-            except CapacityError:
-                pass
+            except CapacityError as e:
+                why = str(e) or why
         if self.depth >= self.max_waiting:
             self.rejected["full"] += 1
-            raise AdmissionRejected(f"the {self.pool} pool has no free KV and its queue is full "
-                                    f"({self.depth} waiting)", "full", self.retry_after_s)
+            raise AdmissionRejected(f"the {self.pool} pool's admission queue is full ({self.depth} waiting; {why})",
+                                    "full", self.retry_after_s)
         ticket = object()
         (self._retries if retry else self._fresh).append(ticket)
         self.queued_total += 1
@@ -85,13 +86,13 @@ class AdmissionQueue:
                 if self._head() is ticket:
                     try:
                         return await attempt()
-                    except CapacityError:
-                        pass
+                    except CapacityError as e:
+                        why = str(e) or why
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.rejected["timeout"] += 1
-                    raise AdmissionRejected(f"no {self.pool} worker had room for the request within "
-                                            f"{self.timeout_s:g}s", "timeout", self.retry_after_s)
+                    raise AdmissionRejected(f"the request waited {self.timeout_s:g}s in the {self.pool} pool's "
+                                            f"admission queue ({why})", "timeout", self.retry_after_s)
                 changed = self._changed
                 try:
                     await asyncio.wait_for(changed.wait(), min(POLL_S, remaining))

@@ -21,6 +21,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cluster.admission import AdmissionQueue, AdmissionRejected
 from cluster.config import ClusterConfig
@@ -32,6 +33,7 @@ from cluster.worker_api import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class NoWorkerError(RuntimeError):
@@ -79,7 +81,8 @@ class KVRelayCluster:
                 WorkerSpec(role, i, config.engine_config(role), transport, dl.token_s, dl.transfer_s, dl.prefill_s,
                            layerwise=config.transfer.layerwise, compression=config.transfer.compression,
                            metrics_host=config.metrics.host,
-                           metrics_port=config.metrics.worker_port if config.metrics.enabled else None)
+                           metrics_port=config.metrics.worker_port if config.metrics.enabled else None,
+                           heap_trim_s=pools.heap_trim_s)
                 for i in range(n)
             ]
 
@@ -151,6 +154,28 @@ class KVRelayCluster:
             if d is not None and (p is not None or p_name is None):
                 return p, d
         return self._choose(prefill, decode, prompt)
+
+    def restarting(self) -> bool:
+        """Some pool has no worker up, but one of its workers may come back (Ray is
+        restarting it): a request waits for it in the admission queue, within the
+        queue's deadline, rather than failing."""
+        return any(not pool.healthy() and pool.may_recover() for pool in self.pools)
+
+    async def wait_for_workers(self, place: Callable[[], T], unavailable: type[BaseException] | tuple = NoWorkerError) -> T:
+        """``place()``, the router's first placement of a fresh request, which just raised
+        ``unavailable`` (no worker of a pool is up): tried again from the admission
+        queue while ``restarting()``. Returns its result; raises its error when no
+        worker can come back, AdmissionRejected when the queue is full or the wait
+        passes its deadline (503 + Retry-After either way)."""
+        async def attempt() -> T:
+            try:
+                return place()
+            except unavailable as e:
+                if self.restarting():
+                    raise CapacityError(str(e)) from None
+                raise
+
+        return await self.admission.admit(attempt)
 
     def _down(self) -> frozenset[str]:
         return frozenset(w.handle.name for pool in self.pools for w in pool.workers if not w.up)
@@ -237,7 +262,7 @@ class KVRelayCluster:
                 try:
                     return self._place(prompt, set(), first, placer, avoid=exclude)
                 except NoWorkerError as e:
-                    if retry:  # an in-flight request waits for a worker to come back
+                    if retry or self.restarting():  # wait for a worker to come back
                         raise CapacityError(str(e)) from None
                     raise
             p, d = await self.admission.admit(colocated, retry=retry)
@@ -251,7 +276,7 @@ class KVRelayCluster:
                 try:
                     p, d = self._place(prompt, full, None if full else first, placer, avoid=exclude)
                 except NoWorkerError as e:
-                    if full or retry:
+                    if full or retry or self.restarting():
                         raise CapacityError(str(e)) from None
                     raise
                 if p is None:  # local prefill: D runs the whole request; its scheduler queues it

@@ -50,6 +50,9 @@ class PoolSection(_Strict):
     prefill_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)
     max_restarts: int = Field(3, ge=-1)  # Ray restarts a dead worker up to this many times (-1: forever)
+    # Every worker process and the router give the heap memory glibc holds free back
+    # to the kernel this often (malloc_trim; cluster/heap_trim.py); 0 = never.
+    heap_trim_s: float = Field(30.0, ge=0)
     # Extra Ray custom resources per worker actor, e.g. {"kvrelay_prefill": 1} so that
     # prefill actors land only on the pods of the prefill worker group (the Helm chart
     # gives each group's pods one unit: one worker per pod).

@@ -117,6 +117,12 @@ class WorkerPool:
     def healthy(self) -> list[WorkerState]:
         return [w for w in self.workers if w.up]
 
+    def may_recover(self) -> bool:
+        """Some worker is down that Ray may still bring back (its restarts are not all
+        spent): a request may wait for it instead of failing."""
+        limit = self.resources.max_restarts
+        return self.use_ray and any(not w.up and (limit < 0 or w.restarts < limit) for w in self.workers)
+
     async def drain(self, timeout_s: float) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()

@@ -4,7 +4,7 @@ This is the only place that decides; ``KVRelayCluster.generate`` carries it out.
 | failure                             | where                  | tokens sent to caller | what happens                                                        |
 | ----------------------------------- | ---------------------- | --------------------- | ------------------------------------------------------------------- |
 | CapacityError                       | reserve on D           | 0                     | next decode worker by the router's policy; none has room: wait in the pool's admission queue (FIFO) |
-| no healthy decode worker            | placement              | 0, fresh request      | fail: NoWorkerError (503)                                           |
+| no healthy prefill or decode worker | placement              | 0, fresh request      | one of the pool's workers may come back (Ray restarts left): wait in the admission queue (FIFO) for it; none can: fail: NoWorkerError (503) |
 | no healthy decode worker            | placement              | retry / migration     | wait in the admission queue (retries first) for one to come up      |
 | queue full / queue wait > deadline  | admission              | any                   | fail: AdmissionRejected (503 + Retry-After)                         |
 | WorkerDiedError / TimeoutError      | prefill on P           | any                   | no retry: D recomputes the prompt itself; P is marked down          |
@@ -16,8 +16,10 @@ This is the only place that decides; ``KVRelayCluster.generate`` carries it out.
 
 A dead worker is marked down at once (its pool's probe brings it back after Ray
 restarts it, and then it may take the retry: with one decode worker, the request waits
-for its restart); a worker that timed out is avoided by this request's later attempts
-while another is up.
+for its restart; with one prefill worker, fresh requests wait for its restart); a
+worker that timed out is avoided by this request's later attempts while another is up.
+Every wait is the admission queue's: bounded (``admission.max_queued``) and within its
+deadline (``admission.queue_timeout_s``), then 503 + Retry-After.
 Placement on every attempt goes through the same chooser (the router's policy)."""
 
 from __future__ import annotations

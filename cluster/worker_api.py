@@ -134,6 +134,7 @@ class WorkerSpec:
     # Prometheus endpoint of this worker: None = none; 0 = a free port.
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None
+    heap_trim_s: float = 30.0  # malloc_trim this often (0: never); cluster/heap_trim.py
     # Test-only fault injection on this worker's sends: {"mode": "fail"|"drop"|"delay", "delay_s": s}
     transport_faults: dict | None = None
 

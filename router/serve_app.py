@@ -6,10 +6,13 @@ Serve config (deploy/serve/kvrelay.yaml, the Helm chart) points at the builder:
     import_path: router.serve_app:build
     args: {router: {policy: kv_aware}, pools: {prefill_workers: 1, decode_workers: 1}, ...}
 
-``args`` is a ClusterConfig in dict form, validated by kvrelay's own config parser."""
+``args`` is a ClusterConfig in dict form, validated by kvrelay's own config parser.
+The block-hash key comes from env KVRELAY_HASH_SEED where the replica runs, if set,
+else it is drawn when the application is built."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray import serve
@@ -31,7 +34,7 @@ from router.service import RouterService
 @serve.ingress(app)
 class KVRelayRouter:
     async def __init__(self, config: dict[str, Any]) -> None:
-        self.service = RouterService(ClusterConfig.build(config))
+        self.service = RouterService(replica_config(config))
         install(self.service)
         await self.service.start()
 
@@ -41,6 +44,14 @@ class KVRelayRouter:
 
     async def __del__(self) -> None:
         await self.service.stop()
+
+
+def replica_config(config: dict[str, Any]) -> ClusterConfig:
+    """The replica's config: the bound one, its block-hash key replaced by env
+    KVRELAY_HASH_SEED where set (the Helm chart's hashSeed Secret, in the head pod where
+    the replica runs); the pools the replica starts get that key."""
+    seed = os.environ.get("KVRELAY_HASH_SEED") or None
+    return ClusterConfig.build(config, {"prefix_cache.hash_seed": seed})
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from cluster.block_hash import BlockHasher
 from cluster.cluster import KVRelayCluster, NoWorkerError
+from cluster import heap_trim
 from cluster.config import ClusterConfig
 from cluster.launcher import start_cluster, stop_cluster
 from cluster.worker_api import CapacityError, SamplingParams, TokenLogprobs, WorkerAPI
@@ -104,6 +105,7 @@ class RouterService:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        heap_trim.start(self.config.pools.heap_trim_s)  # this process too: bursts leave free heap
         self.cluster = await start_cluster(self.config)
         self.cluster.on_shadow = lambda preset, agreement: self.metrics.shadow_agreement.labels(preset).observe(agreement)
         self.cluster.on_admission_wait = lambda pool, seconds: self.metrics.admission_wait.labels(pool).observe(seconds)
@@ -327,7 +329,13 @@ class RouterService:
         namespace = params[0].cache_namespace
         hashes = self.hasher.hash_blocks(prompt, namespace)
         try:
-            placement, hit = self._place(prompt, hashes, compression)
+            try:
+                placement, hit = self._place(prompt, hashes, compression)
+            except NoCandidateError:
+                # A pool has no worker up: if one is restarting, wait for it in the
+                # admission queue (bounded, within its deadline) rather than fail.
+                placement, hit = await self.cluster.wait_for_workers(
+                    lambda: self._place(prompt, hashes, compression), NoCandidateError)
         except NoCandidateError as e:
             raise NoWorkerError(str(e)) from None
         result.placement = placement

@@ -23,6 +23,7 @@ from cluster.worker_api import WorkerHealth, WorkerSpec  # noqa: F401 - WorkerSp
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
 from cluster.worker_api import RequestOutput
+from cluster import heap_trim
 from workers.engine import Engine
 from workers.metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams
@@ -71,6 +72,7 @@ class WorkerBase:
         self.metrics = WorkerMetrics(self)
         self.engine.scheduler.on_first_scheduled = self.metrics.queue_time.observe
         self.metrics_address = self._serve_metrics()
+        heap_trim.start(spec.heap_trim_s)  # RSS tracks live memory, not glibc's free lists
 
     def count_transfer(self, preset: str, sent: int, full: int, full_16bit: int) -> None:
         self.transfer_bytes += sent

@@ -665,6 +665,55 @@ def test_no_api_key_means_no_env_and_a_warning():
         assert "no API key" in notes
 
 
+# ---- Block-hash key ---------------------------------------------------------------------
+
+
+def _seed_env(c: dict) -> list[dict]:
+    return [e for e in c.get("env", []) if e["name"] == "KVRELAY_HASH_SEED"]
+
+
+def test_hash_seed_from_an_existing_secret():
+    objs = rendered("gpu-prod")
+    rs = only(objs, "RayService")
+    assert _seed_env(container(head(rs))) == [{"name": "KVRELAY_HASH_SEED", "valueFrom": {
+        "secretKeyRef": {"name": "kvrelay-hash-seed", "key": "seed"}}}]
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    for g in groups(rs).values():
+        assert _seed_env(container(g)) == []  # the router (head) hands it to the workers
+
+
+def test_hash_seed_in_a_chart_made_secret_kvrelay_accepts_never_in_the_serve_config(monkeypatch):
+    from cluster.config import ClusterConfig
+    from router.serve_app import replica_config
+
+    def render() -> tuple[str, dict, dict]:
+        objs = render_objects(with_values({}, **{"hashSeed.generate": True}))
+        secret = only(objs, "Secret")
+        return base64.b64decode(secret["data"]["hash-seed"]).decode(), secret, only(objs, "RayService")
+
+    seed, secret, rs = render()
+    assert secret["metadata"]["name"] == f"{NAME}-kvrelay-hash-seed"
+    assert re.fullmatch(r"[0-9a-f]{64}", seed)  # 32 bytes, hex: what prefix_cache.hash_seed takes
+    assert render()[0] != seed  # drawn at random (an upgrade keeps the live Secret's: lookup)
+    (env,) = _seed_env(container(head(rs)))
+    assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "hash-seed"}
+    assert seed not in yaml.safe_dump(rs)
+    # The router replica takes it from that env over the key drawn at deploy time.
+    bound = ClusterConfig.build(app_args(rs)).with_hash_seed().model_dump()
+    monkeypatch.setenv("KVRELAY_HASH_SEED", seed)
+    assert replica_config(bound).prefix_cache.seed_bytes() == bytes.fromhex(seed)
+    monkeypatch.delenv("KVRELAY_HASH_SEED")
+    assert replica_config(bound).prefix_cache.seed_bytes() == bytes.fromhex(bound["prefix_cache"]["hash_seed"].get_secret_value())
+
+
+def test_no_hash_seed_means_no_env_and_no_secret():
+    objs = rendered("default")
+    assert _seed_env(container(head(only(objs, "RayService")))) == []
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    with pytest.raises(RenderError):  # generate is a boolean
+        render_objects(with_values({}, **{"hashSeed.generate": "yes"}))
+
+
 # ---- API Service, metrics, monitors ----------------------------------------------------
 
 

@@ -231,3 +231,28 @@ def test_sigkill_decode_worker_migrates_greedy_streams_unchanged(router, tokeniz
     # the killed worker comes back (Ray restarts it) and serves again
     assert router.run(s.cluster.decode.wait_up(victim.handle.index, 180), timeout=190)
     assert victim.restarts >= 1
+
+
+def test_a_request_sent_while_the_only_prefill_worker_restarts_waits_and_completes(router, tokenizer):
+    """SIGKILL the only prefill worker; once the pool sees it down, a fresh request has
+    no prefill worker to be placed on. It waits in the admission queue (Ray is
+    restarting the worker) instead of a 503, and completes as an undisturbed run."""
+    s = router.service
+    q = s.cluster.admission
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reference = router.run(_collect(s, prompt, params), timeout=300)
+    victim = s.cluster.prefill.workers[0]
+    restarts, queued, rejected = victim.restarts, q.queued_total, sum(q.rejected.values())
+    os.kill(victim.health.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while victim.up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not victim.up and not s.cluster.prefill.healthy()  # nobody to place a prefill on
+    t0 = time.monotonic()
+    got = router.run(_collect(s, prompt, params), timeout=300)
+    waited = time.monotonic() - t0
+    assert got == reference
+    assert q.queued_total == queued + 1 and sum(q.rejected.values()) == rejected  # it waited, was not refused
+    assert victim.up and victim.restarts == restarts + 1  # it ran on the restarted worker
+    assert waited < q.timeout_s

@@ -121,3 +121,70 @@ def test_refusal_is_503_with_retry_after():
     assert (err.status, err.headers, err.code) == (503, {"Retry-After": "3"}, "overloaded")
     assert err.error_body()["error"]["type"] == "server_error"
     assert _status(AdmissionRejected("x", "timeout", 1)) == "unavailable"
+
+
+def _cluster_with_prefill_down(restarts: int, max_restarts: int = 3, queue_timeout_s: float = 5.0):
+    """A cluster whose only prefill worker is down (restarted ``restarts`` times so far);
+    its pools are never started: placement is all this looks at."""
+    from types import SimpleNamespace
+
+    from cluster.cluster import KVRelayCluster
+    from cluster.pool import WorkerState
+
+    cfg = ClusterConfig.build({"pools": {"max_restarts": max_restarts},
+                               "admission": {"queue_timeout_s": queue_timeout_s}})
+    c = KVRelayCluster(cfg, use_ray=True)  # use_ray: workers Ray may restart
+    prefill = WorkerState(SimpleNamespace(name="prefill-0"), up=False, restarts=restarts)
+    c.prefill.workers.append(prefill)
+    c.decode.workers.append(WorkerState(SimpleNamespace(name="decode-0"), up=True))
+    return c, prefill
+
+
+class NoneUp(Exception):
+    """What a placement policy raises when a pool has no worker up."""
+
+
+def test_a_fresh_request_waits_for_a_restarting_prefill_worker():
+    async def go():
+        c, prefill = _cluster_with_prefill_down(restarts=0)
+        calls = []
+
+        def place():
+            calls.append(time.monotonic())
+            if not prefill.up:
+                raise NoneUp("no prefill worker is up")
+            return "placed"
+
+        async def restart():
+            await asyncio.sleep(0.6)
+            prefill.up, prefill.restarts = True, 1  # the pool's probe saw it back
+        assert c.restarting()
+        t0 = time.monotonic()
+        placed, _ = await asyncio.gather(c.wait_for_workers(place, NoneUp), restart())
+        return placed, time.monotonic() - t0, len(calls), c.admission
+
+    placed, took, calls, q = asyncio.run(go())
+    assert placed == "placed" and 0.5 < took < 2.0
+    assert calls > 2  # tried from the queue until the worker was up
+    assert q.queued_total == 1 and q.depth == 0 and not q.rejected
+
+
+def test_no_wait_when_no_worker_can_come_back_and_a_bounded_wait_otherwise():
+    def place():
+        raise NoneUp("no prefill worker is up")
+
+    async def spent():  # restarts used up: Ray will not bring it back
+        c, _ = _cluster_with_prefill_down(restarts=3, max_restarts=3)
+        assert not c.restarting()
+        await c.wait_for_workers(place, NoneUp)
+
+    with pytest.raises(NoneUp):
+        asyncio.run(asyncio.wait_for(spent(), 1.0))
+
+    async def never_back():  # may come back, but not within the queue's deadline
+        c, _ = _cluster_with_prefill_down(restarts=0, queue_timeout_s=0.5)
+        await c.wait_for_workers(place, NoneUp)
+
+    with pytest.raises(AdmissionRejected) as e:
+        asyncio.run(never_back())
+    assert e.value.reason == "timeout" and "no prefill worker is up" in str(e.value)

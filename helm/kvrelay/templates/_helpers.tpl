@@ -83,6 +83,19 @@ KubeRay passes through to `ray start --resources`. */}}
 {{- default "api-key" .Values.apiKey.existingSecretKey }}
 {{- end }}
 
+{{/* Block-hash key Secret: an existing one, or the chart's own when hashSeed.generate is set. */}}
+{{- define "kvrelay.hashSeedSecretName" -}}
+{{- if .Values.hashSeed.existingSecret }}
+{{- .Values.hashSeed.existingSecret }}
+{{- else if .Values.hashSeed.generate }}
+{{- printf "%s-hash-seed" (include "kvrelay.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "kvrelay.hashSeedSecretKey" -}}
+{{- default "hash-seed" .Values.hashSeed.existingSecretKey }}
+{{- end }}
+
 {{/* engine.model as the workers and the router see it inside their pods. */}}
 {{- define "kvrelay.engineModel" -}}
 {{- $m := .Values.model }}

@@ -1,0 +1,121 @@
+"""Where a worker's resident memory goes under load: an in-process prefill + decode pair
+(the real SmolLM2, the UCX transport, the soak's engine settings) serving closed-loop
+multi-turn chat requests, with the process's RSS sampled as they run, then three
+questions answered at the end:
+
+- does a Python structure grow? (gc objects by type, and with ``--tracemalloc`` the
+  allocation sites that grew, between the warm-up and the end);
+- is the growth memory glibc holds free? (RSS before and after one ``malloc_trim(0)``);
+- how long does a trim take?
+
+    python -m bench.heap_growth --requests 160                 # the workers' own trimmer off
+    python -m bench.heap_growth --requests 160 --heap-trim-s 30
+    MALLOC_ARENA_MAX=2 python -m bench.heap_growth --requests 160
+
+Prints its readings; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import os
+import random
+import threading
+import time
+import tracemalloc
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def object_types() -> collections.Counter:
+    return collections.Counter(type(o).__name__ for o in gc.get_objects())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--heap-trim-s", type=float, default=0.0, help="the workers' periodic trim (0: off)")
+    ap.add_argument("--transport", default="ucx", choices=["ucx", "inprocess"])
+    ap.add_argument("--tracemalloc", action="store_true", help="allocation sites that grew (slow)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from cluster.cluster import KVRelayCluster
+    from cluster.config import ClusterConfig
+    from cluster import heap_trim
+    from workers.sampling_params import SamplingParams
+
+    cfg = ClusterConfig.build({"engine": {"max_model_len": 4096}, "transfer": {"transport": args.transport},
+                               "pools": {"heap_trim_s": args.heap_trim_s}})
+    cluster = KVRelayCluster(cfg, use_ray=False)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def run(coro, timeout: float = 3600.0):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    run(cluster.start())
+    rng = random.Random(args.seed)
+    done = [0]
+    samples: list[tuple[int, float]] = []
+
+    async def session() -> None:
+        conv: list[list[int]] = []
+        while done[0] < args.requests:
+            if not conv or len(conv) > 7:  # 4 turns (question + answer each), then a new conversation
+                conv = [[rng.randint(100, 40000) for _ in range(rng.randint(60, 240))]]
+            else:
+                conv.append([rng.randint(100, 40000) for _ in range(12)])
+            temp = rng.choice([0.0, 0.0, 0.7])
+            params = SamplingParams(max_tokens=32, temperature=temp, seed=rng.randint(0, 10**6) if temp else None)
+            out: list[int] = []
+            async for o in cluster.generate([t for part in conv for t in part], params):
+                out += o.new_token_ids
+            conv.append(out)
+            done[0] += 1
+            if done[0] % 20 == 0:
+                samples.append((done[0], rss_mib()))
+                print(f"{done[0]} requests: RSS {samples[-1][1]:.1f} MiB", flush=True)
+
+    gc.collect()
+    rss0, types0 = rss_mib(), object_types()
+    if args.tracemalloc:
+        tracemalloc.start(8)
+        snap0 = tracemalloc.take_snapshot()
+    print(f"after start-up: RSS {rss0:.1f} MiB", flush=True)
+    t0 = time.monotonic()
+    async def sessions() -> None:
+        await asyncio.gather(*(session() for _ in range(args.concurrency)))
+
+    run(sessions())
+    wall = time.monotonic() - t0
+    gc.collect()
+    rss1, types1 = rss_mib(), object_types()
+    print(f"after {done[0]} requests in {wall:.0f}s: RSS {rss1:.1f} MiB, growth {rss1 - rss0:+.1f} MiB")
+    grown = sorted(((k, types1[k] - types0.get(k, 0)) for k in types1), key=lambda kv: -kv[1])[:10]
+    print("gc objects grown, by type:", grown)
+    if args.tracemalloc:
+        snap1 = tracemalloc.take_snapshot()
+        cur, peak = tracemalloc.get_traced_memory()
+        print(f"tracemalloc: {cur / 2**20:.1f} MiB traced now, peak {peak / 2**20:.1f} MiB; top growth:")
+        for st in snap1.compare_to(snap0, "lineno")[:8]:
+            print("  ", st)
+        tracemalloc.stop()
+    t = time.perf_counter()
+    trimmed = heap_trim.trim_now()
+    ms = (time.perf_counter() - t) * 1e3
+    rss2 = rss_mib()
+    print(f"malloc_trim(0) {'took' if trimmed else 'unavailable'} {ms:.1f} ms: RSS {rss2:.1f} MiB "
+          f"({rss2 - rss1:+.1f} MiB), growth left {rss2 - rss0:+.1f} MiB")
+    os._exit(0)  # the in-process workers' threads need no orderly shutdown here
+
+
+if __name__ == "__main__":
+    main()
