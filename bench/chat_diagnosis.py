@@ -94,7 +94,7 @@ async def run(args) -> dict[str, Any]:
         placement = choose(request, prefill, decode)
         seen[id(placement)] = {
             "prefill_match": dict(request.prefill_match), "decode_match": dict(request.decode_match),
-            "queued": {w.name: w.queued_tokens for w in prefill}, "prefill_load": {w.name: w.load for w in prefill},
+            "queued": {w.name: w.queued_tokens for w in prefill}, "live": {w.name: w.live_prefixes for w in prefill}, "prefill_load": {w.name: w.load for w in prefill},
             "decode_workers": {w.name: {"load": w.load, "free": w.free_blocks, "total": w.total_blocks} for w in decode},
             "costs": dict(placement.costs), "parts": dict(placement.parts),
         }

@@ -124,9 +124,9 @@ class KVAwareWeights(_Strict):
     # A prefill worker's match under this share of the prompt counts as none (a shared
     # system-prompt header is not a conversation; new conversations spread by load).
     cold_match_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
-    # A prompt no prefill worker holds also pays this per prompt token placed on the
-    # worker lately (decayed): new conversations spread by the live prefix each caches.
-    footprint_weight: float = Field(0.02, ge=0, allow_inf_nan=False)
+    # A prompt no prefill worker holds also pays this per conversation the worker serves
+    # now (router/live_prefixes.py): new conversations spread evenly over the caches.
+    live_prefix_weight: float = Field(128.0, ge=0, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):
@@ -141,6 +141,9 @@ class RouterSection(_Strict):
     max_inflight_per_key: int | None = Field(None, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger request bodies: 413
     max_n: int = Field(16, ge=1, le=16)  # most choices (`n`) per request: 400 beyond (the API schema caps n at 16)
+    # A conversation counts as live on its worker (kv_aware's live-prefix term) while a
+    # turn of it runs and this long after its last answer: the client's think time.
+    live_prefix_window_s: float = Field(10.0, ge=0, allow_inf_nan=False)
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
     kv_aware: KVAwareWeights = KVAwareWeights()

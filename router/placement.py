@@ -27,8 +27,8 @@ of transfer.
                          cold_match_share of the prompt (a shared header, not a conversation)
 
     A cold prompt (held(P) = 0 on every prefill worker) also pays
-    footprint_weight * recent_tokens(P): the prompt tokens the router placed on P lately
-    (decayed), so new conversations go where the least live prefix is cached.
+    live_prefix_weight * live_prefixes(P): the conversations (prompt chains) P serves
+    now (router/live_prefixes.py), so new conversations spread evenly over the caches.
     queued_tokens(P)   = uncached prompt tokens the router already placed on P and
                          whose first token has not come back (work ahead of this one)
     kv_usage_after(D)  = 1 - (free_blocks - missing_blocks(D)) / total_blocks   (0..1)
@@ -68,7 +68,11 @@ bench/chat_diagnosis.py); when the KV holds about half the conversations, that w
 then evicts its own conversations while the other one idles. Without the header, a new
 conversation went by load alone, and 4 of 6 could still land on one worker (measured
 with caches full of earlier conversations, where the fewest-cached-blocks tie-break
-sees no difference); hence the footprint term for cold prompts.
+sees no difference); hence the live-prefix term for cold prompts. It counts
+conversations, not tokens: a first measure, the prompt tokens placed on a worker
+lately (decayed, 30 s half-life), still held the ended conversations of a previous run
+~1,500 tokens apart between the two workers, more than a new conversation's first
+turn weighs, and sent 4 of the next 6 new conversations to one worker.
 """
 
 from __future__ import annotations
@@ -102,12 +106,13 @@ class WorkerSnapshot:
     # Uncached prompt tokens the router placed here whose first token has not come back
     # (prefill side; the router knows them because it placed them).
     queued_tokens: int = 0
-    # Prompt tokens the router placed here lately (exponentially decayed): how much live
-    # prefix this worker's cache serves, which new (cold) prompts are balanced on.
-    recent_tokens: float = 0.0
+    # Conversations (prompt chains) this worker computes for now: a request in flight,
+    # or one finished within the router's live window (router/live_prefixes.py); new
+    # (cold) prompts are balanced on it.
+    live_prefixes: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens, self.recent_tokens) < 0 or self.total_blocks <= 0:
+        if min(self.running, self.waiting, self.free_blocks, self.queued_tokens, self.live_prefixes) < 0 or self.total_blocks <= 0:
             raise ValueError(f"bad worker snapshot {self}")
 
     @property
@@ -254,6 +259,7 @@ class CostParts:
     kv_usage: float = 0.0
     ship_mib: float = 0.0
     total: float = 0.0
+    live_prefixes: float = 0.0  # a cold prompt's prefill worker: the conversations it serves now
 
     def named(self, pool: str) -> dict[str, float]:
         if pool == "local":  # D computes the rest of the prompt and decodes; nothing shipped
@@ -262,7 +268,7 @@ class CostParts:
                     "local_cost": self.total}
         if pool == "prefill":
             return {"prefill_uncached_tokens": self.uncached_tokens, "prefill_queued_tokens": self.queued_tokens,
-                    "prefill_cost": self.total}
+                    "prefill_live_prefixes": self.live_prefixes, "prefill_cost": self.total}
         out = {"decode_running": self.running, "decode_kv_usage": self.kv_usage, "decode_ship_mib": self.ship_mib,
                "decode_cost": self.total}
         if pool == "colocated":
@@ -283,11 +289,12 @@ class KVAwarePolicy(PlacementPolicy):
     cold_match_share: a prefill worker's match under this share of the prompt counts as
         no match (module docstring); 0.25 keeps every follow-up turn (which shares most
         of its prompt with the last one) and drops a shared system-prompt header.
-    footprint_weight: for a cold prompt, prefill-token equivalent of one prompt token
-        placed on the worker lately (``recent_tokens``, decayed by the router). 0.02: in
-        the measured chat a live conversation adds about 4,000 decayed tokens, so one
-        conversation more outweighs ~400 queued tokens (x 0.2), while a prompt anybody
-        holds is never moved by it.
+    live_prefix_weight: for a cold prompt, prefill-token equivalent of one live
+        conversation on the worker (``live_prefixes``). 128: one conversation more
+        outweighs 640 queued tokens (x 0.2), two new chat conversations' first turns
+        (~270 tokens each), so new conversations alternate rather than follow the
+        shorter queue; a long cold prompt queued (a few thousand tokens) still
+        outweighs it, and a prompt anybody holds is never moved by it.
     local_prefill_max_tokens: the most prompt tokens a decode worker may prefill itself
         (local prefill, module docstring); 0, the default: never. Local prefill is
         greedy per turn: a turn it cannot take (the decode worker too full) goes to a
@@ -318,18 +325,18 @@ class KVAwarePolicy(PlacementPolicy):
     def __init__(self, queue_weight: float = 0.2, running_weight: float = 16.0, kv_usage_weight: float = 512.0,
                  transfer_weight: float = 1.0, local_prefill_max_tokens: int = 0,
                  local_prefill_max_kv_usage: float = 0.25, cold_match_share: float = 0.25,
-                 footprint_weight: float = 0.02) -> None:
+                 live_prefix_weight: float = 128.0) -> None:
         for k, v in (("queue_weight", queue_weight), ("running_weight", running_weight),
                      ("kv_usage_weight", kv_usage_weight), ("transfer_weight", transfer_weight),
                      ("local_prefill_max_tokens", local_prefill_max_tokens), ("cold_match_share", cold_match_share),
-                     ("footprint_weight", footprint_weight)):
+                     ("live_prefix_weight", live_prefix_weight)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be finite and >= 0, got {v}")
         for k, v in (("cold_match_share", cold_match_share), ("local_prefill_max_kv_usage", local_prefill_max_kv_usage)):
             if not (math.isfinite(v) and 0 <= v <= 1):
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
         self.local_prefill_max_kv_usage = local_prefill_max_kv_usage
-        self.footprint_weight = footprint_weight
+        self.live_prefix_weight = live_prefix_weight
         self.cold_match_share = cold_match_share
         self.queue_weight = queue_weight
         self.running_weight = running_weight
@@ -349,12 +356,13 @@ class KVAwarePolicy(PlacementPolicy):
 
     def prefill_cost(self, request: PlacementRequest, w: WorkerSnapshot, match: Mapping[str, int] | None = None,
                      cold: bool = False) -> CostParts:
-        """``cold``: no prefill worker holds the prompt (the footprint term applies)."""
+        """``cold``: no prefill worker holds the prompt (the live-prefix term applies)."""
         match = request.prefill_match if match is None else match
         uncached = request.num_prompt_tokens - self.held_tokens(request, match, w.name)
         queued = self.queue_weight * w.queued_tokens
-        footprint = self.footprint_weight * w.recent_tokens if cold else 0.0
-        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, total=uncached + queued + footprint)
+        live = self.live_prefix_weight * w.live_prefixes if cold else 0.0
+        return CostParts(uncached_tokens=uncached, queued_tokens=w.queued_tokens, live_prefixes=w.live_prefixes if cold else 0,
+                         total=uncached + queued + live)
 
     def decode_cost(self, request: PlacementRequest, w: WorkerSnapshot, ship: bool = True) -> CostParts:
         missing = request.missing_blocks(request.decode_match, w.name)
@@ -425,9 +433,9 @@ class KVAwarePolicy(PlacementPolicy):
         if pool == "prefill":
             # held tokens per worker that holds any (the match lists only those)
             held = {n: h for n, b in request.prefill_match.items() if (h := min(b * bs, tokens)) and h >= cold}
-            if not held:  # a cold prompt: balanced on the workers' recent prompt tokens too
-                fw = self.footprint_weight
-                return [tokens + qw * w.queued_tokens + fw * w.recent_tokens for w in workers]
+            if not held:  # a cold prompt: balanced on the workers' live conversations too
+                lw = self.live_prefix_weight
+                return [tokens + qw * w.queued_tokens + lw * w.live_prefixes for w in workers]
             get = held.get
             return [tokens - get(w.name, 0) + qw * w.queued_tokens for w in workers]
         dm = request.decode_match
@@ -465,10 +473,11 @@ class KVAwarePolicy(PlacementPolicy):
         if log.isEnabledFor(logging.DEBUG):
             for w in workers:
                 p = self._parts(request, pool, w)
-                log.debug("%s %s: cost %.1f = uncached %.0f + %g x queued %.0f tok | %g x running %d + %g x kv usage %.2f"
-                          " + %g x ship %.2f MiB", pool, w.name, p.total, p.uncached_tokens, self.queue_weight,
-                          p.queued_tokens, self.running_weight, p.running, self.kv_usage_weight, p.kv_usage,
-                          self.transfer_weight, p.ship_mib)
+                log.debug("%s %s: cost %.1f = uncached %.0f + %g x queued %.0f tok + %g x live %d | %g x running %d"
+                          " + %g x kv usage %.2f + %g x ship %.2f MiB", pool, w.name, p.total, p.uncached_tokens,
+                          self.queue_weight, p.queued_tokens, self.live_prefix_weight, p.live_prefixes,
+                          self.running_weight, p.running, self.kv_usage_weight, p.kv_usage, self.transfer_weight,
+                          p.ship_mib)
         self._chosen[pool] = self._parts(request, pool, best)
         return best.name
 
@@ -490,7 +499,7 @@ class KVAwarePolicy(PlacementPolicy):
 
 # Every ``part`` label value of the kvrelay_router_placement_cost histogram (Placement.parts).
 COST_PARTS = (
-    "prefill_uncached_tokens", "prefill_queued_tokens", "prefill_cost",  # kv_aware, the chosen P (or D, local)
+    "prefill_uncached_tokens", "prefill_queued_tokens", "prefill_live_prefixes", "prefill_cost",  # kv_aware, the chosen P (or D, local)
     "decode_running", "decode_kv_usage", "decode_ship_mib", "decode_cost",  # kv_aware, the chosen D
     "local_cost", "local_prefill",  # kv_aware: a local prefill's total; 1 for a local prefill, 0 for a pair
     "prefill_load", "decode_load",  # least_loaded

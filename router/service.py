@@ -24,6 +24,7 @@ from cluster.launcher import start_cluster, stop_cluster
 from cluster.worker_api import CapacityError, SamplingParams, TokenLogprobs, WorkerAPI
 from router.detokenizer import TextStream
 from router.metrics import IndexView, ReliabilityView, RouterMetrics, WorkerView
+from router.live_prefixes import LivePrefixes
 from router.pending_prefixes import PendingPrefixes
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
@@ -32,10 +33,6 @@ from router.tokenizer import load_tokenizer
 from workers.loader import read_model_config, resolve_model
 
 log = logging.getLogger(__name__)
-
-# Half-life of the prompt tokens a worker was sent lately (WorkerSnapshot.recent_tokens):
-# about the gap between a chat's turns times a few, so a live conversation keeps counting.
-RECENT_TOKENS_HALF_LIFE_S = 30.0
 
 PROBE_TEXT = (
     "kvrelay start-up self-check: the router and the workers must agree on the tokenizer, "
@@ -97,7 +94,7 @@ class RouterService:
         self.pending_prefixes = PendingPrefixes()  # prompts placed on a worker, not prefilled yet
         self._placed: dict[str, int] = {}  # requests this router placed on a worker, still running
         self._queued_tokens: dict[str, int] = {}  # uncached prompt tokens placed on a worker, no first token yet
-        self._recent: dict[str, tuple[float, float]] = {}  # worker -> (decayed prompt tokens placed, as of when)
+        self.live_prefixes = LivePrefixes(config.router.live_prefix_window_s)  # conversations per compute worker
         self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
@@ -231,14 +228,10 @@ class RouterService:
 
     # ---- placement --------------------------------------------------------------------
 
-    def _recent_tokens(self, worker: str, now: float) -> float:
-        value, at = self._recent.get(worker, (0.0, now))
-        return value * 0.5 ** ((now - at) / RECENT_TOKENS_HALF_LIFE_S)
-
     def _snapshots(self, role: str, exclude: frozenset[str] = frozenset()) -> list[WorkerSnapshot]:
         out = []
         index = self.indexes[role]
-        now = time.monotonic()
+        live = self.live_prefixes.counts(time.monotonic())
         for w in self.cluster.worker_states().get(role, []):
             h = w.health
             # Health is probed periodically; requests placed since then are not in it yet.
@@ -250,7 +243,7 @@ class RouterService:
                 h.free_blocks if h else 0, h.total_blocks if h else 1,
                 w.up and h is not None and w.handle.name not in exclude,
                 index.num_blocks_of(w.handle.name), self._queued_tokens.get(w.handle.name, 0),
-                self._recent_tokens(w.handle.name, now),
+                live.get(w.handle.name, 0),
             ))
         return out
 
@@ -293,8 +286,6 @@ class RouterService:
         if placement.prefill is not None:
             self.indexes["prefill"].touch(placement.prefill, hashes, compute_index.get(placement.prefill, 0))
         self.indexes[decode_role].touch(placement.decode, hashes, decode_index.get(placement.decode, 0))
-        compute_worker, now = placement.prefill or placement.decode, time.monotonic()
-        self._recent[compute_worker] = (self._recent_tokens(compute_worker, now) + len(prompt), now)
         held = compute_match if placement.prefill is not None else decode_match
         hit = min(held.get(placement.prefill or placement.decode, 0) * self.block_size, len(prompt))
         self.metrics.predicted_hit_tokens.inc(hit)
@@ -343,6 +334,9 @@ class RouterService:
         # first token comes back (kv_aware weighs work in tokens, not requests).
         compute_worker, queued = placement.prefill or placement.decode, len(prompt) - hit
         self._queued_tokens[compute_worker] = self._queued_tokens.get(compute_worker, 0) + queued
+        # The conversation this prompt continues (or starts) is live on its compute worker
+        # until the request ends, and a think time after.
+        chain = self.live_prefixes.start(compute_worker, hashes, time.monotonic())
         unqueued = False
 
         def unqueue() -> None:
@@ -441,6 +435,7 @@ class RouterService:
                 self._unplace(c["prefill"])
                 self._unplace(c["decode"])
             self.pending_prefixes.remove(pending)
+            self.live_prefixes.finish(chain, time.monotonic())
 
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:
         """Tokens of one choice arrived: TTFT at the request's first, otherwise the gap

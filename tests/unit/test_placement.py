@@ -214,7 +214,7 @@ def test_kv_aware_joint_choice_and_its_parts():
     assert (got.prefill, got.decode) == ("p1", "d0")
     assert got.costs == pytest.approx({"p0": 96, "p1": 0, "d0": 256, "d1": 512 * 0.6 + 10})
     assert got.parts == pytest.approx({
-        "prefill_uncached_tokens": 0, "prefill_queued_tokens": 0, "prefill_cost": 0,
+        "prefill_uncached_tokens": 0, "prefill_queued_tokens": 0, "prefill_live_prefixes": 0, "prefill_cost": 0,
         "decode_running": 0, "decode_kv_usage": 0.5, "decode_ship_mib": 0, "decode_cost": 256, "local_prefill": 0,
     })
 
@@ -351,7 +351,7 @@ def test_kv_aware_logs_cost_parts_per_candidate(caplog):
         {"local_prefill_max_tokens": -1},
         {"cold_match_share": 1.5},
         {"local_prefill_max_kv_usage": -0.1},
-        {"footprint_weight": -1},
+        {"live_prefix_weight": -1},
     ],
 )
 def test_kv_aware_rejects_bad_weights(options):
@@ -477,24 +477,45 @@ def test_kv_aware_spreads_cold_prompts_over_an_idle_pool():
     assert [policy.choose(req(160), pool, [W("d0")]).prefill for _ in range(2)] == chosen[:2]
 
 
-def test_cold_prompts_balance_on_recent_tokens():
-    """A prompt nobody holds pays footprint_weight (0.02) per prompt token placed on the
-    worker lately: a new conversation goes where less live prefix is cached, even
-    behind some queued work; a prompt a worker holds ignores the term."""
-    policy = make_policy("kv_aware")
+def _P(name, queued=0, live=0, cached=0):
+    return WorkerSnapshot(name, 0, 0, 100, 100, cached_blocks=cached, queued_tokens=queued, live_prefixes=live)
 
-    def P(name, queued=0, recent=0.0):
-        return WorkerSnapshot(name, 0, 0, 100, 100, queued_tokens=queued, recent_tokens=recent)
 
-    busy_cache, quiet_cache = P("p0", recent=16000.0), P("p1", queued=300, recent=8000.0)
-    got = policy.choose(req(272, {"p0": 1}), [busy_cache, quiet_cache], DEC)  # a header is no prefix: cold
-    assert got.prefill == "p1"
-    assert got.costs == pytest.approx({"p0": 272 + 320, "p1": 272 + 60 + 160, "d0": got.costs["d0"]})
-    assert got.parts["prefill_cost"] == pytest.approx(272 + 60 + 160)
-    # a held prompt is placed by its prefix; the footprint plays no part
-    warm = policy.choose(req(272, {"p0": 10}), [busy_cache, quiet_cache], DEC)
+# A cold prompt (272 tokens; p0 holds only its 1-block header, under cold_match_share)
+# pays live_prefix_weight (128) per conversation the worker serves now, on top of
+# uncached + 0.2 x queued: (p0, p1) -> (chosen P, its cost).
+@pytest.mark.parametrize(
+    "p0, p1, chosen, cost",
+    [
+        # fewer live conversations wins, even behind a first turn's queue (272 x 0.2 = 54.4)
+        (_P("p0", live=3), _P("p1", live=2, queued=272), "p1", 272 + 54.4 + 256),
+        # ... and behind up to 640 queued tokens (one conversation = 128 = 0.2 x 640)
+        (_P("p0", live=3), _P("p1", live=2, queued=639), "p1", 272 + 127.8 + 256),
+        (_P("p0", live=3), _P("p1", live=2, queued=641), "p0", 272 + 384),
+        # equal conversations: the shorter queue
+        (_P("p0", live=2, queued=100), _P("p1", live=2), "p1", 272 + 256),
+        # equal in both: the fewest cached blocks (old, dead conversations do not count)
+        (_P("p0", live=1, cached=120), _P("p1", live=1, cached=118), "p1", 272 + 128),
+        # many cached blocks but nothing live beats a cache serving one conversation
+        (_P("p0", live=0, cached=120), _P("p1", live=1, cached=10), "p0", 272),
+    ],
+)
+def test_cold_prompts_balance_on_live_conversations(p0, p1, chosen, cost):
+    got = make_policy("kv_aware").choose(req(272, {"p0": 1}), [p0, p1], DEC)
+    assert got.prefill == chosen
+    assert got.costs[chosen] == pytest.approx(cost) and got.parts["prefill_cost"] == pytest.approx(cost)
+    assert got.parts["prefill_live_prefixes"] == {"p0": p0, "p1": p1}[chosen].live_prefixes
+
+
+def test_held_prompts_ignore_live_conversations():
+    """A prompt a worker holds is placed by its prefix: the live term plays no part."""
+    busy, quiet = _P("p0", live=5), _P("p1", live=0)
+    warm = make_policy("kv_aware").choose(req(272, {"p0": 10}), [busy, quiet], DEC)
     assert warm.prefill == "p0" and warm.costs["p0"] == pytest.approx(272 - 160)
-    assert make_policy("kv_aware", footprint_weight=0.0).choose(req(272), [busy_cache, quiet_cache], DEC).prefill == "p0"
+    assert warm.parts["prefill_live_prefixes"] == 0
+    # with the weight at 0, a cold prompt sees two equal workers
+    off = make_policy("kv_aware", live_prefix_weight=0.0).choose(req(272), [busy, quiet], DEC)
+    assert (off.costs["p0"], off.costs["p1"]) == (272, 272)
 
 
 def test_new_conversations_sharing_a_header_spread():

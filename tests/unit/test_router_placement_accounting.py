@@ -99,19 +99,34 @@ def test_shipped_bytes_follow_the_compression_preset(service):
     assert service._shipped_block_bytes("balanced") == per_token * bs * 0.5 * 0.5  # keep 0.5, int4
 
 
-def test_recent_tokens_count_each_placed_prompt_and_decay(service, monkeypatch):
-    """Every placement adds its prompt tokens to the chosen compute worker's recent
-    tokens, which halve every RECENT_TOKENS_HALF_LIFE_S (the cold prompts' footprint)."""
+def test_live_conversations_count_from_placement_to_a_think_time_after(service, monkeypatch):
+    """A request's conversation is live on its compute worker while it runs and for
+    router.live_prefix_window_s after; the next cold prompt goes to the other worker,
+    and once the window has passed, nothing counts."""
     import router.service as svc
 
-    service.cluster = FakeCluster()
-    clock = [1000.0]
-    monkeypatch.setattr(svc.time, "monotonic", lambda: clock[0])
-    service._recent.clear()
-    first = service.place(list(range(7000, 7000 + 160)))
-    snaps = {w.name: w.recent_tokens for w in service._snapshots("prefill")}
-    assert snaps[first.prefill] == pytest.approx(160) and sum(snaps.values()) == pytest.approx(160)
-    clock[0] += svc.RECENT_TOKENS_HALF_LIFE_S
-    assert {w.name: w.recent_tokens for w in service._snapshots("prefill")}[first.prefill] == pytest.approx(80)
-    # the next cold prompt goes to the other worker (the same queues, less footprint)
-    assert service.place(list(range(9000, 9000 + 160))).prefill != first.prefill
+    async def go():
+        service.cluster = cluster = FakeCluster()
+        clock = [1000.0]
+        monkeypatch.setattr(svc, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # the router's clock only
+        service.live_prefixes = svc.LivePrefixes(10.0)
+        prompt = list(range(7000, 7000 + 160))
+
+        async def consume(p):
+            async for _ in service.run(p, [SamplingParams(max_tokens=2)], [], RequestResult(len(p))):
+                pass
+
+        task = asyncio.create_task(consume(prompt))
+        await asyncio.sleep(0.05)
+        lives = {w.name: w.live_prefixes for w in service._snapshots("prefill")}
+        first = next(n for n, c in lives.items() if c)
+        assert lives == {first: 1, ({"prefill-0", "prefill-1"} - {first}).pop(): 0}
+        cluster.go.set()
+        await task
+        clock[0] += 10.0  # answered; still live within the window
+        assert {w.name: w.live_prefixes for w in service._snapshots("prefill")}[first] == 1
+        assert service.place(list(range(9000, 9000 + 160))).prefill != first
+        clock[0] += 0.5
+        assert sum(w.live_prefixes for w in service._snapshots("prefill")) == 0
+
+    asyncio.run(go())
