@@ -53,7 +53,8 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
 
 # name -> (what, kvrelay serve arguments); vllm is the peer
 KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "default": ("`kvrelay serve` as shipped (1 prefill + 1 decode worker, float32)", []),
+    "default": ("`kvrelay serve` as shipped (on a 2-4 core CPU host: 2 prefill + 1 decode workers, float32)", []),
+    "1p1d": ("1 prefill + 1 decode worker, 1 torch thread each, float32", ["--prefill-workers", "1", "--decode-workers", "1"]),
     "colocated": ("one colocated worker (prefill and decode in one engine) with 2 torch threads, float32",
                   ["--colocated", "--decode-workers", "1", "--threads", "2"]),
     "2p1d": ("2 prefill + 1 decode workers, 1 torch thread each (3 single-thread processes on the cores), float32",

@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # The deployment's secret block-hash seed (the configured one, else fresh): it travels
     # in the config to the router and every worker, and is never printed.
-    config = _load_config(args).with_hash_seed()
+    config = _load_config(args).with_hash_seed().sized_for_host(os.cpu_count())
     r = config.router
     import ray
     from ray import serve

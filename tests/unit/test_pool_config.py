@@ -29,3 +29,19 @@ def test_kernels_reach_the_engine_config():
         ClusterConfig.build({}, {"engine.linear_kernel": "mkl"})
     with pytest.raises(ConfigError, match="prefill_threads"):
         ClusterConfig.build({}, {"pools.prefill_threads": 0})
+
+
+@pytest.mark.parametrize("overrides,cpus,prefill", [
+    ({}, 2, 2),  # kvrelay serve on a small CPU host: 2 prefill workers
+    ({}, 4, 2),
+    ({}, 1, 1),
+    ({}, 16, 1),
+    ({"pools.prefill_workers": 1}, 2, 1),  # said by the user: kept
+    ({"pools.prefill_workers": 3}, 2, 3),
+    ({"pools.colocated": True}, 2, 1),
+    ({"pools.gpus_per_worker": 1}, 2, 1),
+])
+def test_sized_for_host(overrides, cpus, prefill):
+    cfg = ClusterConfig.build({}, overrides).sized_for_host(cpus)
+    assert cfg.pools.prefill_workers == prefill
+    assert cfg.pools.decode_workers == 1
