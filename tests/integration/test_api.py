@@ -35,6 +35,7 @@ def server():
     env = {**os.environ, "KVRELAY_API_KEY": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--api-key", KEY,
+         "--prefill-workers", "1",  # one of each role (the host-sized default is tested in test_pool_config)
          "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048",
          # the API's limits (tested in test_request_limits)
          "--set", f"router.max_inflight_per_key={PER_KEY}", "--set", "router.max_body_bytes=262144",

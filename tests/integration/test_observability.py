@@ -64,7 +64,7 @@ async def _load(url: str) -> int:
 
 @pytest.fixture(scope="module")
 def stack():
-    with Server("observability", ["--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048"]) as kv:
+    with Server("observability", ["--prefill-workers", "1", "--set", "engine.kv_cache_memory_gb=0.25", "--set", "engine.max_model_len=2048"]) as kv:
         with PrometheusServer(kv.url) as prom:
             prom.wait_for_targets(3)  # the router, prefill-0, decode-0
             ok = asyncio.run(_load(kv.url))
