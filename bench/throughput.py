@@ -683,7 +683,8 @@ def run_cpu(args, argv=None) -> int:
         "prompt_tokens": {"min": min(plens), "max": max(plens), "mean": round(sum(plens) / len(plens), 1)},
         "engine": {"prefix_caching": False, "block_size": block, "max_num_seqs": cfg.max_num_seqs,
                    "max_num_batched_tokens": cfg.max_num_batched_tokens, "chunk_size": cfg.chunk_size,
-                   "attention_backend": engine.runner.backend.name},
+                   "attention_backend": engine.runner.backend.name,
+                   "linear_kernel": engine.linear_kernel},
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "measure_seconds": round(measure_s, 1),
@@ -718,7 +719,8 @@ def _write(args, meta: dict, summary: dict, runs: dict, suffix: str) -> None:
         f"| repeats per cell | {m['repeats']} (best run reported; all runs in {stem}.json) |",
         f"| kvrelay engine | prefix caching **off**, block {m['engine']['block_size']}, "
         f"max_num_seqs {m['engine']['max_num_seqs']}, max_num_batched_tokens {m['engine']['max_num_batched_tokens']}, "
-        f"chunk {m['engine']['chunk_size']}, attention backend {m['engine']['attention_backend']} |",
+        f"chunk {m['engine']['chunk_size']}, attention backend {m['engine']['attention_backend']}, "
+        f"linear kernel {m['engine'].get('linear_kernel', 'torch')} |",
         f"| load average before / after | {m['loadavg_before']} / {m['loadavg_after']} |",
         f"| run time | {m['total_seconds']:.0f}s ({m['measure_seconds']:.0f}s measuring) |",
     ]
