@@ -73,7 +73,8 @@ class ModelRunner:
         positions = torch.from_numpy(np.concatenate(pos)).to(self.device)
         slot_mapping = torch.from_numpy(np.concatenate(slots))
         any_hidden = hidden if any(h is not None for h in hidden) else None
-        return input_ids, positions, AttentionBatch(qsl, seq_lens, tables, slot_mapping, bs, any_hidden)
+        seq_ids = [c.request.request_id for c in chunks]
+        return input_ids, positions, AttentionBatch(qsl, seq_lens, tables, slot_mapping, bs, any_hidden, seq_ids)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, SampledToken]:
         """Compute every chunk's KV; returns the sampled token per request that samples."""

@@ -67,3 +67,96 @@ def test_cpu_decode_equals_reference(lens, prefill, hidden):
 
 def test_auto_is_cpu_on_cpu():
     assert get_backend("auto", torch.device("cpu")).name == "cpu"
+
+
+class _Seqs:
+    """Sequences decoding over many steps on one paged cache: the blocks each owns, its length."""
+
+    def __init__(self, cache: KVCache, gen: torch.Generator) -> None:
+        self.cache, self.gen = cache, gen
+        self.free = torch.randperm(cache.num_blocks - 1, generator=gen).add(1).tolist()
+        self.tables: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
+
+    def start(self, sid: str, n: int) -> None:
+        """A sequence whose first ``n`` tokens' K/V are already in the cache (random values)."""
+        self.tables[sid], self.lens[sid] = [], 0
+        self._grow(sid, n)
+        for p in range(n):
+            blk, off = self.tables[sid][p // BS], p % BS
+            self.cache.storage[:, blk, :, off] = torch.randn(self.cache.storage[:, blk, :, off].shape, generator=self.gen)
+
+    def _grow(self, sid: str, n: int) -> None:
+        while len(self.tables[sid]) * BS < n:
+            self.tables[sid].append(self.free.pop())
+        self.lens[sid] = n
+
+    def stop(self, sid: str) -> None:
+        self.free += self.tables.pop(sid)
+        del self.lens[sid]
+
+    def decode_batch(self, order: list[str]) -> AttentionBatch:
+        """One new token for each sequence in ``order``."""
+        slots = []
+        for sid in order:
+            self._grow(sid, self.lens[sid] + 1)
+            p = self.lens[sid] - 1
+            slots.append(self.tables[sid][p // BS] * BS + p % BS)
+        return AttentionBatch(list(range(len(order) + 1)), [self.lens[s] for s in order],
+                              [list(self.tables[s]) for s in order], torch.tensor(slots), BS, None, list(order))
+
+
+def test_decode_contexts_across_steps_equal_reference():
+    """The cpu backend keeps decode contexts across steps: sequences join, leave (their slots
+    refill), change order, outgrow the copy buffer while one moves, and one is re-prefilled
+    into other blocks under the same id. Every
+    step equals the torch reference, which gathers from the paged cache each time."""
+    spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
+    caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
+    backends = {name: get_backend(name, torch.device("cpu")) for name in caches}
+    gen = torch.Generator().manual_seed(2)
+    seqs = _Seqs(caches["cpu"], gen)
+    for sid, n in [("a", 5), ("b", 17), ("c", 1), ("d", 123)]:  # "d" outgrows 128 tokens at step 5
+        seqs.start(sid, n)
+    schedule = [["a", "b", "c", "d"]] * 3 + [["d", "a", "c"]] * 2 + [["e", "a", "d", "c"]] * 4 + [["c", "e"]] * 3
+    for step, order in enumerate(schedule):
+        if step == 5:
+            seqs.stop("b")
+            seqs.start("e", 9)
+        if step == 7:  # "a" preempted and recomputed into new blocks: the same id, other KV
+            seqs.stop("a")
+            seqs.start("a", 12)
+        caches["torch"].storage.copy_(caches["cpu"].storage)
+        batch = seqs.decode_batch(order)
+        q_gen = torch.Generator().manual_seed(100 + step)
+        qkv = [[torch.randn(len(order), h, D, generator=q_gen) for h in (HQ, HKV, HKV)] for _ in range(LAYERS)]
+        out = {}
+        for name in caches:
+            plan = backends[name].plan(batch, caches[name], HQ)
+            out[name] = torch.stack([plan.run(layer, *qkv[layer]) for layer in range(LAYERS)])
+        torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-6, rtol=1e-6)
+        assert torch.equal(caches["cpu"].storage, caches["torch"].storage)
+        held = backends["cpu"].contexts
+        assert sorted(held.seqs) == sorted(order)  # only this step's sequences are held
+        assert sorted(c.slot for c in held.seqs.values()) == list(range(len(order)))  # dense slots
+
+
+def test_decode_contexts_fall_back_to_gathering_past_the_pool_size():
+    """Copies that would outgrow the KV pool are not made: the step gathers instead, still exact."""
+    spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
+    caches = {name: KVCache(spec, 40, torch.device("cpu")) for name in ("torch", "cpu")}
+    gen = torch.Generator().manual_seed(3)
+    seqs = _Seqs(caches["cpu"], gen)
+    for sid in "abc":
+        seqs.start(sid, 40)  # 4 slots x 128 tokens > 40 blocks x 4 tokens
+    caches["torch"].storage.copy_(caches["cpu"].storage)
+    batch = seqs.decode_batch(["a", "b", "c"])
+    backends = {name: get_backend(name, torch.device("cpu")) for name in caches}
+    out = {}
+    for name in caches:
+        plan = backends[name].plan(batch, caches[name], HQ)
+        q_gen = torch.Generator().manual_seed(7)
+        out[name] = [plan.run(layer, *(torch.randn(3, h, D, generator=q_gen) for h in (HQ, HKV, HKV)))
+                     for layer in range(LAYERS)]
+    assert backends["cpu"].contexts.buf is None and not backends["cpu"].contexts.seqs
+    torch.testing.assert_close(torch.stack(out["cpu"]), torch.stack(out["torch"]), atol=1e-6, rtol=1e-6)

@@ -32,6 +32,9 @@ class AttentionBatch:
     # (the padding of a compacted cache whose layers keep different counts; see
     # workers.request.CompactedKV). None for the whole batch when no sequence has any.
     hidden_slots: list[list[tuple[int, int]] | None] | None = None
+    # Per sequence: the request id, so a backend may keep state for a sequence across
+    # steps (the ``cpu`` backend's decode contexts). None when the caller has no ids.
+    seq_ids: list[str] | None = None
 
     @property
     def num_seqs(self) -> int:
