@@ -74,8 +74,8 @@ def decode_steps(kernel: str, batch: int, prompt: int = 256, steps: int = 12) ->
     from workers.engine import Engine
     from workers.sampling_params import SamplingParams
 
-    blocks = batch * ((prompt + steps + 8) // 16 + 2) + 16
-    eng = Engine(EngineConfig(dtype="float32", device="cpu", num_kv_blocks=blocks, max_num_seqs=64,
+    # The default KV pool (1 GiB): the `cpu` backend's decode-context copies fit beside it, as in serving.
+    eng = Engine(EngineConfig(dtype="float32", device="cpu", max_num_seqs=64,
                               enable_prefix_caching=False, num_threads=1, linear_kernel=kernel,
                               attention_backend="cpu" if kernel != "torch" else "torch"))
     rnd = random.Random(batch)
