@@ -154,6 +154,8 @@ class Engine:
         if req is None:
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        if not self.requests:
+            self.runner.backend.release()
         return True
 
     # ---- disaggregation: the decode side of a handoff ---------------------------------
@@ -307,7 +309,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         sampled = self.runner.execute(sched.chunks) if sched.chunks else {}
-        return self._postprocess(sched, sampled)
+        outputs = self._postprocess(sched, sampled)
+        if not self.requests:
+            self.runner.backend.release()
+        return outputs
 
     def _postprocess(self, sched: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
         self.stats.steps += 1

@@ -160,3 +160,38 @@ def test_decode_contexts_fall_back_to_gathering_past_the_pool_size():
                      for layer in range(LAYERS)]
     assert backends["cpu"].contexts.buf is None and not backends["cpu"].contexts.seqs
     torch.testing.assert_close(torch.stack(out["cpu"]), torch.stack(out["torch"]), atol=1e-6, rtol=1e-6)
+
+
+def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tmp_path):
+    """Through the engine (tiny random Llama): requests of different lengths join and finish
+    at different steps; greedy tokens equal the torch backend's, the copies are held while
+    sequences decode and released once the engine has no request left."""
+    from tests.unit.test_model_loading import _build_hf, _hf_config, _prompt
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.loader import load_model, resolve_model
+    from workers.sampling_params import SamplingParams
+
+    _build_hf(_hf_config(heads=4, kv_heads=2, layers=3), seed=5, path=tmp_path)
+    loaded = load_model(resolve_model(str(tmp_path)), dtype=torch.float32, device="cpu")
+    tokens, held = {}, []
+    for name in ("torch", "cpu"):
+        engine = Engine(EngineConfig(num_kv_blocks=128, block_size=16, max_model_len=512, attention_backend=name,
+                                     device="cpu", dtype="float32", enable_prefix_caching=False), loaded=loaded)
+        out: dict[str, list[int]] = {}
+        for step in range(40):
+            if step in (0, 3, 9):  # late joiners, each with its own length and output budget
+                for j in range(2):
+                    rid = f"s{step}-{j}"
+                    engine.add_request(rid, _prompt(20 + 37 * j + step, loaded.config.vocab_size, seed=step + j),
+                                       SamplingParams(max_tokens=6 + 5 * j + step, temperature=0.0))
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if name == "cpu" and engine.requests:
+                held.append(len(engine.runner.backend.contexts.seqs))
+        assert not engine.requests
+        tokens[name] = out
+        if name == "cpu":
+            assert engine.runner.backend.contexts.buf is None and not engine.runner.backend.contexts.seqs
+    assert len(tokens["torch"]) == 6 and tokens["cpu"] == tokens["torch"]
+    assert max(held) >= 4  # the copies were used, for several sequences at once

@@ -50,3 +50,7 @@ class AttentionBackend(Protocol):
     def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> AttentionPlan:
         """Host-side work for the whole step (index tensors, kernel plans)."""
         ...
+
+    def release(self) -> None:
+        """Drop state kept across steps (the engine has no request left)."""
+        ...

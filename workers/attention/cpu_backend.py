@@ -200,3 +200,7 @@ class CPUAttentionBackend:
         if self.contexts is None or self.contexts.kv_cache is not kv_cache:
             self.contexts = DecodeContexts(kv_cache)
         return CPUAttentionPlan(batch, kv_cache, num_heads, self.contexts)
+
+    def release(self) -> None:
+        if self.contexts is not None:
+            self.contexts.clear()  # an idle worker holds no copies

@@ -77,3 +77,6 @@ class FlashInferAttentionBackend:
 
             return TorchAttentionPlan(batch, kv_cache)
         return FlashInferAttentionPlan(self, batch, kv_cache, num_heads)
+
+    def release(self) -> None:
+        pass  # the workspace is reused for the process's lifetime

@@ -120,3 +120,6 @@ class TorchAttentionBackend:
 
     def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> TorchAttentionPlan:
         return TorchAttentionPlan(batch, kv_cache)
+
+    def release(self) -> None:
+        pass  # nothing kept across steps
