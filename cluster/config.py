@@ -32,6 +32,9 @@ class EngineSection(_Strict):
     chunk_size: int = Field(512, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+    # Decode workers: output tokens per request kept free in the KV pool when reserving
+    # (workers/config.py); 0 = prompt only (running sequences may be preempted).
+    decode_reserve_tokens: int = Field(256, ge=0)
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
@@ -239,6 +242,7 @@ class ClusterConfig(_Strict):
             kv_cache_memory_gb=e.kv_cache_memory_gb, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
+            decode_reserve_tokens=e.decode_reserve_tokens,
             attention_backend=e.attention_backend, linear_kernel=e.linear_kernel, num_threads=threads,
             hash_seed=self.prefix_cache.seed_bytes(),
         )
