@@ -145,7 +145,8 @@ class RouterSection(_Strict):
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger request bodies: 413
     max_n: int = Field(16, ge=1, le=16)  # most choices (`n`) per request: 400 beyond (the API schema caps n at 16)
     # A conversation counts as live on its worker (kv_aware's live-prefix term) while a
-    # turn of it runs and this long after its last answer: the client's think time.
+    # turn of it runs and a think time after its last answer: twice the clients'
+    # measured think time (p90 of recent gaps), at most this long (router/live_prefixes.py).
     live_prefix_window_s: float = Field(10.0, ge=0, allow_inf_nan=False)
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
