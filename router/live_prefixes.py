@@ -32,7 +32,7 @@ gaps (at least ``min_window_s``, at most ``window_s``)::
 
 A fixed window of 10 s counted a previous run's ended conversations as live through a
 new run's whole start burst (6 conversations in ~10 s): the new ones were balanced
-against phantoms and split 2 : 4 once those expired (chat_diagnosis.md, item 10; the
+against phantoms and split 2 : 4 once those expired (chat_diagnosis.md, item 11; the
 chat bench's think time is 0.5 s, so its learned window is ~1-2 s). A chain idle
 past the live window is still kept until ``window_s``, so a turn that comes late
 continues its chain and its long gap is recorded (the estimate is not biased toward
