@@ -137,7 +137,7 @@ async def one_run(svc: RouterService, args, seed: int, seen: dict, removed: dict
                     ttft = time.monotonic() - sent
                 toks += ev.token_ids
             pl = result.placement
-            rec = {"conv": c, "turn": t, "prompt": len(prompt), "blocks": len(hash_blocks(prompt, bs)),
+            rec = {"conv": c, "turn": t, "sent_s": sent - t0, "prompt": len(prompt), "blocks": len(hash_blocks(prompt, bs)),
                    "prefill": pl.prefill, "decode": pl.decode, "cached": result.cached_tokens, "ttft": ttft,
                    "same_p_as_last_turn": last_p is None or pl.prefill == last_p, **seen.pop(id(pl), {})}
             records.append(rec)
@@ -151,7 +151,8 @@ async def one_run(svc: RouterService, args, seed: int, seen: dict, removed: dict
     await asyncio.sleep(1.5)
     stats1 = {f"{s['role']}-{s['index']}": s for s in await svc.cluster.worker_stats()}
     per_worker = {w: {k: stats1[w][k] - stats0[w].get(k, 0) for k in
-                      ("prefill_computed_tokens", "prefix_cache_hit_tokens", "prompt_tokens", "kv_recomputes")}
+                      ("prefill_computed_tokens", "prefix_cache_hit_tokens", "prompt_tokens", "kv_recomputes",
+                       "preemptions")}
                   for w in stats1}
     for w in per_worker:
         per_worker[w]["blocks_removed"] = removed.get(w, 0) - removed0.get(w, 0)
@@ -163,7 +164,8 @@ def summarize(res: dict[str, Any]) -> str:
     L = [f"policy {res['args']['policy']}: {len(recs)} requests in {res['wall_s']:.0f}s"]
     for w, s in sorted(res["workers"].items()):
         L.append(f"  {w}: computed {s['prefill_computed_tokens']}, hit {s['prefix_cache_hit_tokens']}, "
-                 f"prompt {s['prompt_tokens']}, blocks removed {s['blocks_removed']}, recomputes {s['kv_recomputes']}")
+                 f"prompt {s['prompt_tokens']}, blocks removed {s['blocks_removed']}, recomputes {s['kv_recomputes']}, "
+                 f"preemptions {s.get('preemptions', '-')}")
     bs = 16
     computed = sum(s["prefill_computed_tokens"] for s in res["workers"].values())
     # the chosen compute worker's match: the prefill worker's, or the decode worker's for a local prefill

@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-load", type=float, default=1.5)
     p.add_argument("--note", default=None, help="a sentence for the report (what else ran on the machine)")
     p.add_argument("--render", default=None, metavar="JSON", help="no run: write .md/.png again from a run's JSON")
+    p.add_argument("--kv-sweep", default=None, metavar="BLOCKS,...",
+                   help="no run: print the order-only LRU estimate (bench.workloads.lru_placement_estimate) of the "
+                        "trace workload's computed prompt tokens, 2 prefill workers, at these KV sizes per worker")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     args.preset = "quick" if args.quick else "full"
@@ -625,12 +628,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def kv_sweep(args: argparse.Namespace, sizes: list[int], block_size: int = 16) -> str:
+    """A markdown table: the trace workload's prompts (in arrival order) through
+    ``W.lru_placement_estimate`` for round_robin and the affine (kv_aware-like) rule at
+    each KV size, against the one-unbounded-cache ceiling."""
+    wl = next(w for w in build_workloads(args) if w.name.startswith("mooncake"))
+    prompts = [s.turns[0].body["prompt"] for s in sorted(wl.sessions, key=lambda s: s.start_s)]
+    hits, total = W.ideal_prefix_hits(prompts, block_size)
+    ceiling = total - hits
+    rows = []
+    for b in sizes:
+        rr = W.lru_placement_estimate(prompts, block_size, 2, b, "round_robin")
+        af = W.lru_placement_estimate(prompts, block_size, 2, b, "affine")
+        rows.append([b, af, f"{af / ceiling:.2f}", rr, f"{rr / af:.2f}x"])
+    head = (f"{len(prompts)} requests, {total} prompt tokens, ceiling computes {ceiling} "
+            f"({len({tuple(p[:(i + 1) * block_size]) for p in prompts for i in range(len(p) // block_size)})} distinct blocks)\n\n")
+    return head + "\n".join(md_table(["KV blocks per worker", "affine computed", "affine / ceiling",
+                                      "round_robin computed", "round_robin / affine"], rows, "rrrrr"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         result = json.loads(Path(args.render).read_text())
         write_report(result, args.render.removesuffix(".json"))
         log(f"wrote {args.render.removesuffix('.json')}.md/.png")
+        return 0
+    if args.kv_sweep:
+        print(kv_sweep(args, [int(b) for b in args.kv_sweep.split(",")]))
         return 0
     result = asyncio.run(main_async(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

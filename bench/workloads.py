@@ -286,6 +286,52 @@ def ideal_prefix_hits(prompts: Sequence[Sequence[int]], block_size: int) -> tupl
     return hits, total
 
 
+def lru_placement_estimate(
+    prompts: Sequence[Sequence[int]], block_size: int, workers: int, capacity_blocks: int, policy: str,
+    cold_share: float = 0.25,
+) -> int:
+    """Prompt tokens computed when the prompts, in order and one at a time, go to
+    ``workers`` prefix caches of ``capacity_blocks`` blocks each (LRU over full blocks,
+    a prompt's blocks touched when it runs). ``policy``: "round_robin" (strict
+    rotation) or "affine" (the worker holding the longest prefix, when it is at least
+    ``cold_share`` of the prompt, else the worker that started the fewest new prefixes:
+    kv_aware's rule without load or time). An order-only estimate for choosing a KV
+    size: no concurrency, no decode side, no timing; the real run decides."""
+    from collections import OrderedDict
+
+    if policy not in ("round_robin", "affine"):
+        raise ValueError(f"policy must be round_robin or affine, got {policy!r}")
+    caches: list[OrderedDict] = [OrderedDict() for _ in range(workers)]
+    started = [0] * workers
+    computed = turn = 0
+    for p in prompts:
+        keys = [tuple(p[: (b + 1) * block_size]) for b in range(len(p) // block_size)]
+        usable = max(0, len(p) - 1) // block_size  # the last token is always computed
+
+        def match(cache: OrderedDict) -> int:
+            n = 0
+            while n < min(len(keys), usable) and keys[n] in cache:
+                n += 1
+            return n
+
+        held = [match(c) for c in caches]
+        if policy == "round_robin":
+            w, turn = turn % workers, turn + 1
+        elif max(held) and max(held) * block_size >= cold_share * len(p):
+            w = max(range(workers), key=lambda i: (held[i], -i))
+        else:
+            w = min(range(workers), key=lambda i: (started[i], i))
+            started[w] += 1
+        computed += len(p) - held[w] * block_size
+        cache = caches[w]
+        for k in keys:
+            cache[k] = None
+            cache.move_to_end(k)
+        while len(cache) > capacity_blocks:
+            cache.popitem(last=False)
+    return computed
+
+
 def mooncake_replay(
     requests: int = 32,
     select: str = "conversations",

@@ -32,6 +32,9 @@ class EngineSection(_Strict):
     chunk_size: int = Field(512, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+    # Decode workers: output tokens per request kept free in the KV pool when reserving
+    # (workers/config.py); 0 = prompt only (running sequences may be preempted).
+    decode_reserve_tokens: int = Field(256, ge=0)
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
@@ -142,7 +145,8 @@ class RouterSection(_Strict):
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # larger request bodies: 413
     max_n: int = Field(16, ge=1, le=16)  # most choices (`n`) per request: 400 beyond (the API schema caps n at 16)
     # A conversation counts as live on its worker (kv_aware's live-prefix term) while a
-    # turn of it runs and this long after its last answer: the client's think time.
+    # turn of it runs and a think time after its last answer: twice the clients'
+    # measured think time (p90 of recent gaps), at most this long (router/live_prefixes.py).
     live_prefix_window_s: float = Field(10.0, ge=0, allow_inf_nan=False)
     index_max_blocks: int = Field(1_000_000, ge=1)  # residency index cap (per pool)
     event_poll_s: float = Field(0.05, gt=0)  # how often worker KV events are drained
@@ -239,6 +243,7 @@ class ClusterConfig(_Strict):
             kv_cache_memory_gb=e.kv_cache_memory_gb, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
+            decode_reserve_tokens=e.decode_reserve_tokens,
             attention_backend=e.attention_backend, linear_kernel=e.linear_kernel, num_threads=threads,
             hash_seed=self.prefix_cache.seed_bytes(),
         )

@@ -26,6 +26,12 @@ class EngineConfig:
     chunk_size: int = 512  # most prompt tokens one request computes in one step
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # A decode engine reserves a handed-off request only while its free KV also covers
+    # the output still to come of it and of every request it holds, each counted up to
+    # this many tokens (Scheduler.growth_blocks), so that decoding never preempts a
+    # running sequence; 0: room for the prompt alone (running sequences may be preempted
+    # and recomputed in full when they grow).
+    decode_reserve_tokens: int = 256
     attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
     linear_kernel: str = "auto"  # auto (onednn on CPU, torch elsewhere) | torch | onednn (workers/model/packed_linear.py)
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
@@ -45,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.num_kv_blocks is None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.decode_reserve_tokens < 0:
+            raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
         for f in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")

@@ -179,9 +179,15 @@ class Engine:
         region = req.num_prompt_tokens - start
         slots = region if suffix_slots is None else suffix_slots(start, region)
         need = bm.blocks_for(start + slots) - prefix.num_blocks
-        if not bm.can_allocate(need, prefix):
+        # Room to decode, not only to land: this request's output and every held
+        # request's (capped at decode_reserve_tokens each; Scheduler.growth_blocks).
+        cap = self.config.decode_reserve_tokens
+        growth = bm.blocks_for(start + slots + min(params.max_tokens, cap)) - prefix.num_blocks - need
+        growth += self.scheduler.growth_blocks(cap)
+        if not bm.can_allocate(need + growth, prefix):
             raise CapacityError(
-                f"KV pool full: {need} blocks needed, {bm.num_free_blocks - prefix.num_free} available"
+                f"KV pool full: {need} blocks needed and {growth} kept for decoding, "
+                f"{bm.num_free_blocks - prefix.num_free} available"
             )
         req.block_ids = bm.allocate(need, prefix)
         req.num_cached_blocks = prefix.num_blocks

@@ -92,6 +92,34 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def growth_blocks(self, cap_tokens: int) -> int:
+        """Blocks the requests held here may still take before they end, each counted
+        for at most ``cap_tokens`` more output tokens (side-effect free). A decode
+        engine admits a reservation only when the free blocks cover this as well, so
+        that a running sequence never has to be preempted (and recomputed in full) to
+        make room for a newer one (SGLang's decode side keeps a like reserve:
+        ``num_reserved_decode_tokens`` per running, transferring and waiting request)::
+
+            free blocks >= new request's blocks + its growth + growth_blocks(cap)
+
+        Running: the tokens still to enter its KV (the sampled one not yet computed,
+        then its remaining output, capped). Reserved (KV on its way): its whole
+        output, capped, in whole blocks (at most one block more than it needs).
+        Waiting (preempted, or recomputed after a failed transfer): everything, since
+        it holds nothing now."""
+        if cap_tokens <= 0:
+            return 0
+        bs = self.bm.block_size
+        total = 0
+        for r in self.running:
+            ahead = r.num_tokens - r.num_computed_tokens + min(max(0, r.params.max_tokens - r.num_output_tokens), cap_tokens)
+            total += max(0, self.bm.blocks_for(r.num_kv_tokens + ahead) - len(r.block_ids))
+        for r in self.waiting_remote.values():
+            total += -(-min(r.params.max_tokens, cap_tokens) // bs)
+        for r in self.waiting:
+            total += self.bm.blocks_for(r.num_tokens + min(max(0, r.params.max_tokens - r.num_output_tokens), cap_tokens))
+        return total
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens

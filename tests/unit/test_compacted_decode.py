@@ -111,8 +111,12 @@ def test_preempted_compacted_request_is_recomputed_at_full_size_and_counted(tiny
     from the prompt and its tokens so far, and completes."""
     cfg = tiny.config
     prompt = _prompt(97, cfg.vocab_size, seed=3)
+    # decode_reserve_tokens=0: the reservation gets room for its prompt alone, so the two
+    # sequences outgrow the pool and one is preempted, the path under test (with the
+    # default reserve the reservation would wait instead: tests/unit/test_decode_reserve.py).
     engine = Engine(EngineConfig(num_kv_blocks=10, block_size=16, max_model_len=512, attention_backend="torch",
-                                 device="cpu", dtype="float32", enable_prefix_caching=False), loaded=tiny)
+                                 device="cpu", dtype="float32", enable_prefix_caching=False,
+                                 decode_reserve_tokens=0), loaded=tiny)
     first, kv, _ = prefill_kv(engine, prompt)
     other = _prompt(60, cfg.vocab_size, seed=9)
     engine.add_request("other", other, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
