@@ -36,6 +36,7 @@ class EngineSection(_Strict):
     # (workers/config.py); 0 = prompt only (running sequences may be preempted).
     decode_reserve_tokens: int = Field(256, ge=0)
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
+    decode_context_copies: bool = True  # cpu attention backend (workers/config.py)
     linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
 
@@ -244,7 +245,8 @@ class ClusterConfig(_Strict):
             max_num_batched_tokens=e.max_num_batched_tokens, chunk_size=e.chunk_size,
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
             decode_reserve_tokens=e.decode_reserve_tokens,
-            attention_backend=e.attention_backend, linear_kernel=e.linear_kernel, num_threads=threads,
+            attention_backend=e.attention_backend, decode_context_copies=e.decode_context_copies,
+            linear_kernel=e.linear_kernel, num_threads=threads,
             hash_seed=self.prefix_cache.seed_bytes(),
         )
 

@@ -33,6 +33,9 @@ class EngineConfig:
     # and recomputed in full when they grow).
     decode_reserve_tokens: int = 256
     attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
+    # The cpu attention backend keeps running decode contexts as contiguous copies (at
+    # most the KV pool's size again); False: gather them from the paged cache each step.
+    decode_context_copies: bool = True
     linear_kernel: str = "auto"  # auto (onednn on CPU, torch elsewhere) | torch | onednn (workers/model/packed_linear.py)
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own

@@ -148,7 +148,7 @@ def test_decode_contexts_fall_back_to_gathering_past_the_pool_size():
     gen = torch.Generator().manual_seed(3)
     seqs = _Seqs(caches["cpu"], gen)
     for sid in "abc":
-        seqs.start(sid, 40)  # 4 slots x 128 tokens > 40 blocks x 4 tokens
+        seqs.start(sid, 40)  # 4 slots x 64 tokens > 40 blocks x 4 tokens
     caches["torch"].storage.copy_(caches["cpu"].storage)
     batch = seqs.decode_batch(["a", "b", "c"])
     backends = {name: get_backend(name, torch.device("cpu")) for name in caches}
@@ -195,3 +195,25 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
             assert engine.runner.backend.contexts.buf is None and not engine.runner.backend.contexts.seqs
     assert len(tokens["torch"]) == 6 and tokens["cpu"] == tokens["torch"]
     assert max(held) >= 4  # the copies were used, for several sequences at once
+
+
+def test_decode_context_copies_off_gathers_every_step():
+    """``engine.decode_context_copies: false``: the cpu backend keeps nothing across steps."""
+    spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
+    caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
+    seqs = _Seqs(caches["cpu"], torch.Generator().manual_seed(4))
+    for sid in "ab":
+        seqs.start(sid, 9)
+    backends = {"torch": get_backend("torch", torch.device("cpu")),
+                "cpu": get_backend("cpu", torch.device("cpu"), decode_context_copies=False)}
+    for step in range(3):
+        caches["torch"].storage.copy_(caches["cpu"].storage)
+        batch = seqs.decode_batch(["a", "b"])
+        out = {}
+        for name in caches:
+            q_gen = torch.Generator().manual_seed(step)
+            plan = backends[name].plan(batch, caches[name], HQ)
+            out[name] = torch.stack([plan.run(layer, *(torch.randn(2, h, D, generator=q_gen) for h in (HQ, HKV, HKV)))
+                                     for layer in range(LAYERS)])
+        torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-6, rtol=1e-6)
+        assert backends["cpu"].contexts is None

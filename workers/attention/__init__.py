@@ -10,7 +10,7 @@ import torch
 from workers.attention.batch import AttentionBackend, AttentionBatch
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
+def get_backend(name: str, device: torch.device, decode_context_copies: bool = True) -> AttentionBackend:
     if name == "auto":
         if device.type == "cuda":
             name = "flashinfer" if _has_flashinfer() else "torch"
@@ -23,7 +23,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "cpu":
         from workers.attention.cpu_backend import CPUAttentionBackend
 
-        return CPUAttentionBackend()
+        return CPUAttentionBackend(decode_context_copies)
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")

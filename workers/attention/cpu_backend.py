@@ -27,7 +27,7 @@ from workers.attention.batch import AttentionBatch
 from workers.attention.torch_backend import TorchAttentionPlan
 from workers.kv_cache import KVCache
 
-_SLOTS, _TOKENS = 4, 128  # capacity grows in these steps (sequences, context tokens)
+_SLOTS, _TOKENS = 4, 64  # capacity grows in these steps (sequences, context tokens)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class DecodeContexts:
 
 
 class CPUAttentionPlan(TorchAttentionPlan):
-    def __init__(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int, contexts: DecodeContexts) -> None:
+    def __init__(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int, contexts: DecodeContexts | None) -> None:
         super().__init__(batch, kv_cache)
         self.contexts = None
         if self.decode_tokens is None:
@@ -125,7 +125,7 @@ class CPUAttentionPlan(TorchAttentionPlan):
         self.group = num_heads // hkv
         self.last_layer = spec.num_layers - 1
         decode = [b for b in range(batch.num_seqs) if batch.query_len(b) == 1]
-        if batch.seq_ids is not None and self.decode_layer_mask is None:
+        if contexts is not None and batch.seq_ids is not None and self.decode_layer_mask is None:
             ids = [batch.seq_ids[b] for b in decode]
             lens = [batch.seq_lens[b] for b in decode]
             tables = [batch.block_tables[b] for b in decode]
@@ -193,10 +193,13 @@ class CPUAttentionPlan(TorchAttentionPlan):
 class CPUAttentionBackend:
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, decode_context_copies: bool = True) -> None:
+        self.copies = decode_context_copies
         self.contexts: DecodeContexts | None = None
 
     def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> CPUAttentionPlan:
+        if not self.copies:
+            return CPUAttentionPlan(batch, kv_cache, num_heads, None)
         if self.contexts is None or self.contexts.kv_cache is not kv_cache:
             self.contexts = DecodeContexts(kv_cache)
         return CPUAttentionPlan(batch, kv_cache, num_heads, self.contexts)
