@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ctypes
+import ctypes.util
 import gc
 import os
 import random
@@ -27,10 +29,56 @@ import threading
 import time
 import tracemalloc
 
+import numpy as np
+import torch
+
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mallinfo2() -> dict[str, float] | None:
+    """glibc's heap counters (all arenas), MiB: in use (``uordblks``), free inside the
+    arenas (``fordblks``), mmapped chunks (``hblkhd``). None outside glibc >= 2.33."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    m = fn()
+    return {"in_use": m.uordblks / 2**20, "free": m.fordblks / 2**20, "mmapped": m.hblkhd / 2**20}
+
+
+def receivers() -> tuple[int, float]:
+    """KVReceiver objects alive or awaiting the cyclic gc, and the MiB their buffers hold."""
+    n, nbytes = 0, 0
+    for o in gc.get_objects():
+        if type(o).__name__ == "KVReceiver":
+            n += 1
+            nbytes += sum(t.numel() * t.element_size() for t in o.layers)
+    return n, nbytes / 2**20
+
+
+def garbage() -> tuple[collections.Counter, float]:
+    """What the cyclic gc would free now: objects by type, and the MiB of tensor and
+    array memory among them (memory refcounting alone never gives back)."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    gc.collect()
+    gc.set_debug(0)
+    found, gc.garbage[:] = list(gc.garbage), []
+    nbytes = 0
+    for o in found:
+        if isinstance(o, torch.Tensor) and o._base is None:
+            nbytes += o.untyped_storage().nbytes()
+        elif isinstance(o, np.ndarray) and o.base is None:
+            nbytes += o.nbytes
+    return collections.Counter(type(o).__name__ for o in found), nbytes / 2**20
 
 
 def object_types() -> collections.Counter:
@@ -82,9 +130,14 @@ def main() -> None:
             done[0] += 1
             if done[0] % 20 == 0:
                 samples.append((done[0], rss_mib()))
-                print(f"{done[0]} requests: RSS {samples[-1][1]:.1f} MiB", flush=True)
+                n, mib = receivers()
+                m = mallinfo2() or {}
+                print(f"{done[0]} requests: RSS {samples[-1][1]:.1f} MiB, malloc in use {m.get('in_use', 0):.1f} MiB, "
+                      f"free in arenas {m.get('free', 0):.1f}, mmapped {m.get('mmapped', 0):.1f}; KVReceivers {n} "
+                      f"holding {mib:.1f} MiB; gc collections {[s['collections'] for s in gc.get_stats()]}", flush=True)
 
     gc.collect()
+    heap_trim.trim_now()  # what loading left free in the heap is not the load's
     rss0, types0 = rss_mib(), object_types()
     if args.tracemalloc:
         tracemalloc.start(8)
@@ -96,7 +149,12 @@ def main() -> None:
 
     run(sessions())
     wall = time.monotonic() - t0
-    gc.collect()
+    rss_pre, malloc_pre, (n, mib) = rss_mib(), mallinfo2(), receivers()
+    types, tensors = garbage()
+    print(f"cyclic garbage at the end of the load: {sum(types.values())} objects, {tensors:.1f} MiB of tensors and "
+          f"arrays among them (KVReceivers {n}, holding {mib:.1f} MiB); most common: {types.most_common(12)}")
+    print(f"malloc in use before/after collecting it: {malloc_pre and round(malloc_pre['in_use'], 1)} / "
+          f"{mallinfo2() and round(mallinfo2()['in_use'], 1)} MiB")
     rss1, types1 = rss_mib(), object_types()
     print(f"after {done[0]} requests in {wall:.0f}s: RSS {rss1:.1f} MiB, growth {rss1 - rss0:+.1f} MiB")
     grown = sorted(((k, types1[k] - types0.get(k, 0)) for k in types1), key=lambda kv: -kv[1])[:10]
