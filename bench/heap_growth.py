@@ -81,6 +81,21 @@ def garbage() -> tuple[collections.Counter, float]:
     return collections.Counter(type(o).__name__ for o in found), nbytes / 2**20
 
 
+def live_tensors() -> tuple[int, float]:
+    """Tensors Python can reach (or has not collected yet) and the MiB of their storages,
+    each storage once: what Python holds, against what glibc says is in use."""
+    seen: set[int] = set()
+    n, nbytes = 0, 0
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor):
+            n += 1
+            st = o.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                nbytes += st.nbytes()
+    return n, nbytes / 2**20
+
+
 def object_types() -> collections.Counter:
     return collections.Counter(type(o).__name__ for o in gc.get_objects())
 
@@ -91,6 +106,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--heap-trim-s", type=float, default=0.0, help="the workers' periodic trim (0: off)")
     ap.add_argument("--transport", default="ucx", choices=["ucx", "inprocess"])
+    ap.add_argument("--linear-kernel", default="auto", choices=["auto", "torch", "onednn"])
     ap.add_argument("--tracemalloc", action="store_true", help="allocation sites that grew (slow)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -100,7 +116,7 @@ def main() -> None:
     from cluster import heap_trim
     from workers.sampling_params import SamplingParams
 
-    cfg = ClusterConfig.build({"engine": {"max_model_len": 4096}, "transfer": {"transport": args.transport},
+    cfg = ClusterConfig.build({"engine": {"max_model_len": 4096, "linear_kernel": args.linear_kernel}, "transfer": {"transport": args.transport},
                                "pools": {"heap_trim_s": args.heap_trim_s}})
     cluster = KVRelayCluster(cfg, use_ray=False)
     loop = asyncio.new_event_loop()
@@ -131,10 +147,11 @@ def main() -> None:
             if done[0] % 20 == 0:
                 samples.append((done[0], rss_mib()))
                 n, mib = receivers()
+                nt, tmib = live_tensors()
                 m = mallinfo2() or {}
                 print(f"{done[0]} requests: RSS {samples[-1][1]:.1f} MiB, malloc in use {m.get('in_use', 0):.1f} MiB, "
                       f"free in arenas {m.get('free', 0):.1f}, mmapped {m.get('mmapped', 0):.1f}; KVReceivers {n} "
-                      f"holding {mib:.1f} MiB; gc collections {[s['collections'] for s in gc.get_stats()]}", flush=True)
+                      f"holding {mib:.1f} MiB; tensors {nt} holding {tmib:.1f} MiB; gc collections {[s['collections'] for s in gc.get_stats()]}", flush=True)
 
     gc.collect()
     heap_trim.trim_now()  # what loading left free in the heap is not the load's
