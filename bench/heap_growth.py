@@ -11,6 +11,8 @@ questions answered at the end:
     python -m bench.heap_growth --requests 160                 # the workers' own trimmer off
     python -m bench.heap_growth --requests 160 --heap-trim-s 30
     MALLOC_ARENA_MAX=2 python -m bench.heap_growth --requests 160
+    python -m bench.heap_growth --requests 120 --linear-kernel torch  # the model's linears without oneDNN
+    python -m bench.heap_growth --linear-rows 200   # the linear layers alone, per kernel
 
 Prints its readings; writes nothing.
 """
@@ -100,6 +102,41 @@ def object_types() -> collections.Counter:
     return collections.Counter(type(o).__name__ for o in gc.get_objects())
 
 
+def linear_rows(kernel: str, rows: int) -> None:
+    """The linear layers alone (SmolLM2's four weight shapes, random weights, one thread),
+    each called at ``rows`` row counts never seen before, then at the same ones again:
+    what a new row count costs in memory that stays (after a trim), per kernel. A
+    prefill worker sees a new row count with every new chunk length; a decode worker
+    sees only its batch sizes."""
+    from cluster import heap_trim
+    from workers.model.packed_linear import PackedLinear
+
+    torch.set_num_threads(1)
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
+    layers = [torch.nn.Linear(i, o, bias=False) for o, i in shapes]
+    if kernel == "onednn":
+        layers = [PackedLinear(lin.weight, None) for lin in layers]
+
+    def sweep(first: int, n: int) -> None:
+        with torch.no_grad():
+            for m in range(first, first + n):
+                for lin in layers:
+                    lin(torch.randn(m, lin.in_features))
+
+    sweep(1, 1)  # warm-up: one row
+    heap_trim.trim_now()
+    rss0, m0 = rss_mib(), mallinfo2() or {}
+    sweep(2, rows)  # row counts 2 .. rows + 1, each new
+    heap_trim.trim_now()
+    rss1, m1 = rss_mib(), mallinfo2() or {}
+    sweep(2, rows)  # the same again
+    heap_trim.trim_now()
+    rss2 = rss_mib()
+    print(f"{kernel}: {rows} new row counts x {len(shapes)} weight shapes: RSS {rss1 - rss0:+.1f} MiB after a trim "
+          f"(malloc in use {m1.get('in_use', 0) - m0.get('in_use', 0):+.1f}); the same row counts again: "
+          f"{rss2 - rss1:+.1f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=160)
@@ -109,7 +146,13 @@ def main() -> None:
     ap.add_argument("--linear-kernel", default="auto", choices=["auto", "torch", "onednn"])
     ap.add_argument("--tracemalloc", action="store_true", help="allocation sites that grew (slow)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--linear-rows", type=int, default=0,
+                    help="instead: the linear layers alone at this many new row counts, per kernel (no model)")
     args = ap.parse_args()
+    if args.linear_rows:
+        for kernel in ("torch", "onednn"):
+            linear_rows(kernel, args.linear_rows)
+        return
 
     from cluster.cluster import KVRelayCluster
     from cluster.config import ClusterConfig
