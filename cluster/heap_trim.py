@@ -10,9 +10,9 @@ and torch hold none of it. ``malloc_trim(0)`` walks every arena and releases the
 pages inside them (``madvise(MADV_DONTNEED)``); nothing is moved or invalidated.
 
 Measured: what loading the model leaves free is the most of it: in process
-(``python -m bench.heap_growth``: a prefill + decode pair in one process) one trim right
-after start-up took the process from 3159 to 2701 MiB; in the soak each served worker
-gave back 80-110 MiB at its first trim. An earlier reading credited the trim with
+(``python -m bench.heap_growth --requests 120``, a prefill + decode pair in one process,
+before the script trimmed at start-up) one trim after 120 requests returned 473 MiB,
+306 MiB more than the load had added since start-up. An earlier reading credited the trim with
 returning 179 of the 183 MiB a load had added; that script had run ``gc.collect()``
 just before its trim, which freed a reference cycle's receive buffers first (see
 below). So every worker process (``WorkerBase``) and the router
