@@ -3,6 +3,10 @@ random prefill or decode worker is SIGKILLed every ``--kill-every`` seconds.
 
     python -m bench.chaos                           # 300 s, a kill every ~30 s
     python -m bench.chaos --duration 60 --tag short # the CI-sized run
+    python -m bench.chaos --prefill-workers 1 --decode-workers 2
+
+Pools: those ``kvrelay serve`` picks on this host (``ClusterConfig.sized_for_host``: 2
+prefill + 1 decode workers on 2-4 cores) unless given.
 
 The router runs in this process (RouterService: the policy, the admission queue, the
 retry rules), so the bench sees every request's outcome and the cluster's counters.
@@ -102,13 +106,18 @@ async def chaos(args) -> dict:
     from cluster.worker_api import WorkerAPI
     from router.service import RouterService
 
+    pools = {"max_restarts": -1}  # the pool sizes `kvrelay serve` would pick here, unless given
+    if args.prefill_workers:
+        pools["prefill_workers"] = args.prefill_workers
+    if args.decode_workers:
+        pools["decode_workers"] = args.decode_workers
     cfg = ClusterConfig.build({
         "engine": {"kv_cache_memory_gb": 0.1, "chunk_size": 256, "max_num_batched_tokens": 512},
-        "pools": {"prefill_workers": 1, "decode_workers": 2, "max_restarts": -1},
+        "pools": pools,
         "deadlines": {"health_interval_s": 0.5, "transfer_s": 20.0, "token_s": 30.0, "reserve_s": 10.0, "prefill_s": 60.0},
         "admission": {"queue_timeout_s": 120.0, "max_attempts": 4},
         "metrics": {"enabled": False},
-    })
+    }).sized_for_host(os.cpu_count())
     service = RouterService(cfg)
     t_start = time.monotonic()
     await service.start()
@@ -175,7 +184,8 @@ async def chaos(args) -> dict:
     outcomes = Counter(j.outcome for j in jobs)
     return {
         "duration_s": round(load_s, 1), "kill_every_s": args.kill_every, "concurrency": args.concurrency,
-        "deadline_s": args.deadline, "requests": len(jobs), "by_kind": dict(Counter(j.kind for j in jobs)),
+        "deadline_s": args.deadline, "pools": {"prefill": cfg.pools.prefill_workers, "decode": cfg.pools.decode_workers},
+        "requests": len(jobs), "by_kind": dict(Counter(j.kind for j in jobs)),
         "outcomes": dict(outcomes), "verified_after": dict(verdict), "kills": kills,
         "migrations": c.migrations, "retries": c.decode_retries, "prefill_failures": c.prefill_failures,
         "kv_recomputes_since_last_restart": recomputes,
@@ -217,6 +227,11 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def pools_text(result: dict) -> str:
+    p = result.get("pools", {"prefill": 1, "decode": 2})  # runs before the pools were recorded had 1 + 2
+    return f"{p['prefill']} prefill + {p['decode']} decode workers"
+
+
 def write(result: dict, tag: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"chaos{tag}.json").write_text(json.dumps(result, indent=2))
@@ -236,7 +251,7 @@ def write(result: dict, tag: str) -> Path:
     md = [f"# Chaos run{(' ' + tag.strip('-')) if tag else ''}", "",
           f"`python -m bench.chaos --duration {result['duration_s']:.0f} --kill-every {result['kill_every_s']}` "
           f"({result['concurrency']} concurrent clients, per-request deadline {result['deadline_s']} s; "
-          f"1 prefill + 2 decode workers over UCX; load average at the end {result['load_average'][0]:.1f})", "",
+          f"{pools_text(result)} over UCX; load average at the end {result['load_average'][0]:.1f})", "",
           "| what | count |", "| --- | ---: |", *[f"| {k} | {v} |" for k, v in rows], "",
           f"Errors by type: {json.dumps({k: n for k, n in o.items() if k.startswith('error')})}; "
           f"requests by kind: {json.dumps(result['by_kind'])}; kills (s, worker): {result['kills']}; "
@@ -260,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=300.0, help="seconds of load")
     ap.add_argument("--kill-every", type=float, default=30.0, help="mean seconds between SIGKILLs")
     ap.add_argument("--concurrency", type=int, default=6)
+    ap.add_argument("--prefill-workers", type=int, default=0, help="0: what kvrelay serve picks on this host")
+    ap.add_argument("--decode-workers", type=int, default=0, help="0: what kvrelay serve picks on this host")
     ap.add_argument("--deadline", type=float, default=240.0, help="per-request deadline (s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -short)")

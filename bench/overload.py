@@ -182,8 +182,10 @@ def write(res: dict, tag: str) -> Path:
               for k, b in enumerate(res.get("repeated_bursts", [])))]
     mi = res["machine"]
     md = [f"# Overload{(' ' + tag.strip('-')) if tag else ''}", "",
-          f"`python -m bench.overload --clients {res['clients']} --max-inflight {res['max_inflight']}`: `kvrelay serve` "
-          f"(1 prefill + 1 decode worker over UCX, SmolLM2, KV {res['kv_cache_memory_gb']} GB per worker), every client "
+          f"`python -m bench.overload --clients {res['clients']} --max-inflight {res['max_inflight']}"
+          f"{'' if len(res.get('repeated_bursts', [])) == 2 else ' --bursts %d' % (1 + len(res.get('repeated_bursts', [])))}"
+          f"{' --tag=' + tag if tag else ''}`: `kvrelay serve` "
+          f"({workers(res)} over UCX, SmolLM2, KV {res['kv_cache_memory_gb']} GB per worker), every client "
           "one `/v1/completions` with a short prompt and `max_tokens` 1, all released at once. "
           f"{mi['cpu']}, {mi['logical_cpus']} CPUs, commit {mi['git_commit']}; load average after {res['load_average']}.", "",
           *md_table(["what", "value"], rows, "lr"), "", f"![overload](overload{tag}.png)", "",
@@ -191,6 +193,13 @@ def write(res: dict, tag: str) -> Path:
     path = RESULTS / f"overload{tag}.md"
     path.write_text("\n".join(md))
     return path
+
+
+def workers(res: dict) -> str:
+    """The served pools, from the workers that answered: "2 prefill + 1 decode workers"."""
+    names = list(res["worker_rss_mib"])
+    count = {role: sum(1 for n in names if n.startswith(f"{role}-")) for role in ("prefill", "decode", "colocated")}
+    return " + ".join(f"{n} {role}" for role, n in count.items() if n) + " workers"
 
 
 def _dist(d: dict) -> str:

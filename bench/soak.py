@@ -126,6 +126,13 @@ def run(args) -> dict:
             "records": [r.to_json() for r in records]}
 
 
+def pools(res: dict) -> str:
+    """The served pools, as their processes answered the RSS samples: "2 prefill + 1 decode workers"."""
+    names = list(res["rss_growth"])
+    count = {role: sum(1 for n in names if n.startswith(f"{role}-")) for role in ("prefill", "decode", "colocated")}
+    return " + ".join(f"{n} {role}" for role, n in count.items() if n) + " workers"
+
+
 def write(res: dict, tag: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"soak{tag}.json").write_text(json.dumps(res, indent=2))
@@ -179,7 +186,7 @@ def write(res: dict, tag: str) -> Path:
     if not res["calibration"]:
         cmd += f" --concurrency {res['concurrency']}"
     md = [f"# Soak{(' ' + tag.strip('-')) if tag else ''}", "",
-          f"`{cmd}`: `kvrelay serve` (1 prefill + 1 decode worker over "
+          f"`{cmd}`: `kvrelay serve` ({pools(res)} over "
           f"UCX, SmolLM2, defaults otherwise) under {res['concurrency']} closed-loop streaming chat sessions (up to "
           f"{TURNS} turns each, then a new conversation; greedy and sampled; max_tokens 32) for "
           f"{res['duration_s'] / 60:.0f} minutes. {mi['cpu']}, {mi['logical_cpus']} CPUs, commit {mi['git_commit']}; "

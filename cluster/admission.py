@@ -27,6 +27,16 @@ T = TypeVar("T")
 POLL_S = 0.25  # the head retries at least this often (capacity freed elsewhere, restarts)
 
 
+class PoolUnavailable(CapacityError):
+    """No worker of ``pool`` can take the request now, but one may come back (Ray is
+    restarting it): the request waits in the queue, and its wait is counted against
+    ``pool``, not the queue's own."""
+
+    def __init__(self, message: str, pool: str) -> None:
+        super().__init__(message)
+        self.pool = pool
+
+
 class AdmissionRejected(RuntimeError):
     """Not admitted: the queue is full (``reason="full"``) or the wait passed its
     deadline (``"timeout"``). The API answers 503 with ``Retry-After``."""
@@ -44,7 +54,9 @@ class AdmissionQueue:
         self.max_waiting = max_waiting
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
-        self.on_wait = on_wait  # (pool, seconds waited) of every request that queued
+        # (pool, seconds waited) of every request that queued; the pool is the one it last
+        # waited on (a PoolUnavailable's, else this queue's).
+        self.on_wait = on_wait
         self.rejected: collections.Counter[str] = collections.Counter()  # reason -> count
         self.queued_total = 0
         self._retries: collections.deque[object] = collections.deque()
@@ -67,11 +79,12 @@ class AdmissionQueue:
         """``attempt()`` reserves, or raises CapacityError when no worker has room.
         Returns its result; raises AdmissionRejected, or whatever else attempt raises."""
         why = "no free KV"  # the last CapacityError's words, for the refusal
+        waited_on = self.pool  # the pool of the last CapacityError, for on_wait
         if self.depth == 0:  # nobody ahead: try at once
             try:
                 return await attempt()
             except CapacityError as e:
-                why = str(e) or why
+                why, waited_on = str(e) or why, getattr(e, "pool", self.pool)
         if self.depth >= self.max_waiting:
             self.rejected["full"] += 1
             raise AdmissionRejected(f"the {self.pool} pool's admission queue is full ({self.depth} waiting; {why})",
@@ -87,7 +100,7 @@ class AdmissionQueue:
                     try:
                         return await attempt()
                     except CapacityError as e:
-                        why = str(e) or why
+                        why, waited_on = str(e) or why, getattr(e, "pool", self.pool)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.rejected["timeout"] += 1
@@ -101,5 +114,5 @@ class AdmissionQueue:
         finally:
             (self._retries if retry else self._fresh).remove(ticket)
             if self.on_wait is not None:
-                self.on_wait(self.pool, time.monotonic() - t0)
+                self.on_wait(waited_on, time.monotonic() - t0)
             self.wake()  # the next head may fit too

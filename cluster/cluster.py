@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cluster.admission import AdmissionQueue, AdmissionRejected
+from cluster.admission import AdmissionQueue, AdmissionRejected, PoolUnavailable
 from cluster.config import ClusterConfig
 from cluster.kv_layout import LayoutMismatchError
 from cluster.pool import Resources, WorkerPool, WorkerState
@@ -161,6 +161,12 @@ class KVRelayCluster:
         queue's deadline, rather than failing."""
         return any(not pool.healthy() and pool.may_recover() for pool in self.pools)
 
+    def _unavailable(self, e: BaseException) -> PoolUnavailable:
+        """What a queued request waits on when placement found no worker: the first pool
+        with none up (Ray restarting it), else the decode pool (none with room)."""
+        down = [p.role for p in self.pools if not p.healthy()]
+        return PoolUnavailable(str(e), down[0] if down else self.decode.role)
+
     async def wait_for_workers(self, place: Callable[[], T], unavailable: type[BaseException] | tuple = NoWorkerError) -> T:
         """``place()``, the router's first placement of a fresh request, which just raised
         ``unavailable`` (no worker of a pool is up): tried again from the admission
@@ -172,7 +178,7 @@ class KVRelayCluster:
                 return place()
             except unavailable as e:
                 if self.restarting():
-                    raise CapacityError(str(e)) from None
+                    raise self._unavailable(e) from None
                 raise
 
         return await self.admission.admit(attempt)
@@ -263,7 +269,7 @@ class KVRelayCluster:
                     return self._place(prompt, set(), first, placer, avoid=exclude)
                 except NoWorkerError as e:
                     if retry or self.restarting():  # wait for a worker to come back
-                        raise CapacityError(str(e)) from None
+                        raise self._unavailable(e) from None
                     raise
             p, d = await self.admission.admit(colocated, retry=retry)
             return None, d, None
@@ -276,8 +282,10 @@ class KVRelayCluster:
                 try:
                     p, d = self._place(prompt, full, None if full else first, placer, avoid=exclude)
                 except NoWorkerError as e:
-                    if full or retry or self.restarting():
+                    if full:  # up, but no room
                         raise CapacityError(str(e)) from None
+                    if retry or self.restarting():
+                        raise self._unavailable(e) from None
                     raise
                 if p is None:  # local prefill: D runs the whole request; its scheduler queues it
                     return None, d, None

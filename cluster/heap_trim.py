@@ -9,23 +9,23 @@ climbs to the high-water mark of that fragmentation and stays there, though Pyth
 and torch hold none of it. ``malloc_trim(0)`` walks every arena and releases the free
 pages inside them (``madvise(MADV_DONTNEED)``); nothing is moved or invalidated.
 
-Measured (``python -m bench.heap_growth``: an in-process prefill + decode pair, 160
-chat requests, 4 at a time): the process grew by 183 MiB, and one ``malloc_trim(0)``
-once the load was over gave 179 MiB back (an earlier version of that script, trimming
-off); Python's gc saw no growing object type; ``MALLOC_ARENA_MAX=2`` changed nothing
-(168 grown, 178 returned). So every worker process (``WorkerBase``) and the router
+Measured: what loading the model leaves free is the most of it: in process
+(``python -m bench.heap_growth --requests 120``, a prefill + decode pair in one process,
+before the script trimmed at start-up) one trim after 120 requests returned 473 MiB,
+306 MiB more than the load had added since start-up. An earlier reading credited the trim with
+returning 179 of the 183 MiB a load had added; that script had run ``gc.collect()``
+just before its trim, which freed a reference cycle's receive buffers first (see
+below). So every worker process (``WorkerBase``) and the router
 (``RouterService.start``) run one trim every ``interval_s`` on a daemon thread, off the
-engine and the event loop (a trim takes ~10-15 ms; mallocs of other threads wait on the
+engine and the event loop (a trim takes ~10-50 ms; mallocs of other threads wait on the
 arena lock meanwhile).
 
-What it does not do: bound the growth *during* a continuous load. With the trim every
-30 s the same run still grew by 134 MiB under load, and 144 MiB came back only once it
-was idle (``--heap-trim-s 30``); the 10-minute soak shows the same (decode worker +172
-MiB under load, +4 MiB after): while requests run, most of it is either still in use
-or not free in whole pages (which of the two is not measured). A fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``: large buffers mmapped
-and unmapped on free, never parked in an arena) halved it in one run (+87 MiB under load,
-65 returned once idle) but is not the default: it is one run, and it changes how every
-large tensor of the engine is allocated.
+What it does not do: give back memory still in use. The decode worker's growth under
+continuous load in the first soaks (+172 MiB in 10 minutes, trim on) was not free heap
+but receive buffers held by a reference cycle until a full gc (fixed in
+``cluster/kv_handoff.py``; the soak now shows it flat); a prefill worker's growth
+under load is the oneDNN linear kernel's per-row-count state, in use too
+(``bench/results/soak.md``, ``python -m bench.heap_growth --linear-rows 256``).
 
 One trimmer per process (in-process tests build several workers in one process).
 Elsewhere than glibc (macOS, musl) it does nothing.

@@ -178,9 +178,15 @@ class KVReceiver:
             self.layers = [torch.empty(desc.capacity_per_layer, dtype=torch.uint8, device=device) for _ in range(lay.num_layers)]
         self._layer_f: list[Future] = []
         if desc.num_blocks:
+            # The callbacks hold the dict, never ``self``: a done Future keeps its callbacks,
+            # so one that held the receiver would make receiver -> future -> callback ->
+            # receiver a cycle, and every request's receive buffers (the prompt's KV, MiBs)
+            # would wait for the cyclic gc's rare full collections, a decode worker's
+            # memory growing with every request under load (bench/heap_growth.py).
+            received_at = self.layer_received_at
             for i, buf in enumerate(self.layers):
                 f = transport.recv(desc.tag | i, buf, wait_s)
-                f.add_done_callback(lambda _f, i=i: self.layer_received_at.setdefault(i, time.time()))
+                f.add_done_callback(lambda _f, i=i: received_at.setdefault(i, time.time()))
                 self._layer_f.append(f)
 
     async def wait(self) -> ReceivedKV:

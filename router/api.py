@@ -117,10 +117,26 @@ async def _request_id_auth_and_count(request: Request, call_next):
 
 def _limits(s: RouterService, request: Request) -> errors.APIError | None:
     """Refusals that need no body parsed: a declared body over ``router.max_body_bytes``
-    (413; an undeclared one is measured when read, see _parse)."""
+    (413; an undeclared one is measured when read, see _parse), and the in-flight limits
+    (429). Answered here, before the endpoint, they raise nothing: an exception raised
+    by the endpoint comes back through this ``http`` middleware (Starlette's
+    BaseHTTPMiddleware) as a reference cycle of frames and task-group state, ~18 KiB a
+    request left for the cyclic gc; on a burst of 429s that was the router's memory
+    residue per burst (bench/results/overload-bursts.md)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > s.config.router.max_body_bytes:
         return errors.payload_too_large(int(declared), s.config.router.max_body_bytes)
+    return _over_inflight(s, request)
+
+
+def _over_inflight(s: RouterService, request: Request) -> errors.APIError | None:
+    cfg = s.config.router
+    if s.inflight >= cfg.max_inflight:
+        return errors.rate_limited(1, f"too many requests in flight ({s.inflight}); try again shortly")
+    key = _api_key_of(request)
+    if cfg.max_inflight_per_key is not None and s.inflight_by_key.get(key, 0) >= cfg.max_inflight_per_key:
+        return errors.rate_limited(1, f"too many requests in flight for this API key ({cfg.max_inflight_per_key}); "
+                                      "try again shortly")
     return None
 
 
@@ -217,13 +233,10 @@ def _admit(s: RouterService, request: Request, model: str, n: int) -> None:
         raise errors.invalid_request(f"n must be at most {cfg.max_n} on this server, got {n}", "n", "invalid_value")
     if not s.ready:
         raise errors.overloaded(5, "the cluster is starting; try again shortly")
-    if s.inflight >= cfg.max_inflight:
-        raise errors.rate_limited(1, f"too many requests in flight ({s.inflight}); try again shortly")
-    key = _api_key_of(request)
-    if cfg.max_inflight_per_key is not None and s.inflight_by_key.get(key, 0) >= cfg.max_inflight_per_key:
-        raise errors.rate_limited(1, f"too many requests in flight for this API key ({cfg.max_inflight_per_key}); "
-                                     "try again shortly")
-    request.state.api_key = key
+    limited = _over_inflight(s, request)  # again: requests admitted since the middleware's check
+    if limited is not None:
+        raise limited
+    request.state.api_key = _api_key_of(request)
 
 
 def _namespace(s: RouterService, request: Request, req) -> str | None:

@@ -140,5 +140,5 @@ class RouterMetrics:
             "kvrelay_kv_shadow_agreement", "Shadow sampling: fraction of the first greedy tokens of a lossy handoff "
             "identical to decoding on full KV", ["preset"], buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
         self.admission_wait = Histogram("kvrelay_admission_wait_seconds", "Time a request waited in the admission queue "
-                                        "for KV room (requests that queued)", ["pool"], buckets=WAIT_BUCKETS, registry=r)
+                                        "for KV room or for a restarting worker (requests that queued), by the pool waited on", ["pool"], buckets=WAIT_BUCKETS, registry=r)
         r.register(_StateCollector(workers, indexes, reliability))

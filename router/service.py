@@ -106,7 +106,8 @@ class RouterService:
         self.cluster = await start_cluster(self.config)
         self.cluster.on_shadow = lambda preset, agreement: self.metrics.shadow_agreement.labels(preset).observe(agreement)
         self.cluster.on_admission_wait = lambda pool, seconds: self.metrics.admission_wait.labels(pool).observe(seconds)
-        self.metrics.admission_wait.labels(self.cluster.admission.pool)  # exists at 0 from the start
+        for pool in self.cluster.pools:  # exists at 0 from the start (a wait is counted against the
+            self.metrics.admission_wait.labels(pool.role)  # pool waited on: a restarting prefill's too)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._event_loop())]
         for states in self.cluster.worker_states().values():  # every series exists from the start

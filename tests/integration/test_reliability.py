@@ -244,6 +244,8 @@ def test_a_request_sent_while_the_only_prefill_worker_restarts_waits_and_complet
     reference = router.run(_collect(s, prompt, params), timeout=300)
     victim = s.cluster.prefill.workers[0]
     restarts, queued, rejected = victim.restarts, q.queued_total, sum(q.rejected.values())
+    prefill_waits = _metric(s, 'kvrelay_admission_wait_seconds_count{pool="prefill"}')
+    decode_waits = _metric(s, 'kvrelay_admission_wait_seconds_count{pool="decode"}')
     os.kill(victim.health.pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while victim.up and time.monotonic() < deadline:
@@ -256,3 +258,6 @@ def test_a_request_sent_while_the_only_prefill_worker_restarts_waits_and_complet
     assert q.queued_total == queued + 1 and sum(q.rejected.values()) == rejected  # it waited, was not refused
     assert victim.up and victim.restarts == restarts + 1  # it ran on the restarted worker
     assert waited < q.timeout_s
+    # its wait is counted against the pool it waited on
+    assert _metric(s, 'kvrelay_admission_wait_seconds_count{pool="prefill"}') == prefill_waits + 1
+    assert _metric(s, 'kvrelay_admission_wait_seconds_count{pool="decode"}') == decode_waits

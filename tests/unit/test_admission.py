@@ -76,6 +76,36 @@ def test_full_queue_and_deadline_are_refused_with_their_reason():
     assert dict(q.rejected) == {"full": 1, "timeout": 1} and q.depth == 0
 
 
+def test_a_wait_is_counted_against_the_pool_it_last_waited_on():
+    from cluster.admission import PoolUnavailable
+
+    async def go():
+        q = AdmissionQueue("decode", max_waiting=5, timeout_s=5, retry_after_s=1)
+        waits = []
+        q.on_wait = lambda pool, s: waits.append(pool)
+        refusals = iter([PoolUnavailable("no prefill worker is up", "prefill"), PoolUnavailable("x", "prefill")])
+
+        async def prefill_back_then_room():  # refused twice while the prefill pool is down
+            e = next(refusals, None)
+            if e is not None:
+                raise e
+            return "ok"
+
+        refusals2 = iter([PoolUnavailable("no prefill worker is up", "prefill"), CapacityError("decode full")])
+
+        async def prefill_back_then_decode_full():  # then the decode pool has no room for a while
+            e = next(refusals2, None)
+            if e is not None:
+                raise e
+            return "ok"
+
+        assert await q.admit(prefill_back_then_room) == "ok"
+        assert await q.admit(prefill_back_then_decode_full) == "ok"
+        return waits
+
+    assert asyncio.run(go()) == ["prefill", "decode"]
+
+
 def test_a_cancelled_waiter_leaves_the_queue():
     async def go():
         q = AdmissionQueue("decode", max_waiting=5, timeout_s=5, retry_after_s=1)
@@ -160,13 +190,17 @@ def test_a_fresh_request_waits_for_a_restarting_prefill_worker():
             prefill.up, prefill.restarts = True, 1  # the pool's probe saw it back
         assert c.restarting()
         t0 = time.monotonic()
+        waits = []
+        c.on_admission_wait = lambda pool, s: waits.append((pool, s))
         placed, _ = await asyncio.gather(c.wait_for_workers(place, NoneUp), restart())
-        return placed, time.monotonic() - t0, len(calls), c.admission
+        return placed, time.monotonic() - t0, len(calls), c.admission, waits
 
-    placed, took, calls, q = asyncio.run(go())
+    placed, took, calls, q, waits = asyncio.run(go())
     assert placed == "placed" and 0.5 < took < 2.0
     assert calls > 2  # tried from the queue until the worker was up
     assert q.queued_total == 1 and q.depth == 0 and not q.rejected
+    # the wait is counted against the pool it waited on, not the queue's decode pool
+    assert [p for p, _ in waits] == ["prefill"] and waits[0][1] > 0.5
 
 
 def test_no_wait_when_no_worker_can_come_back_and_a_bounded_wait_otherwise():
