@@ -175,9 +175,11 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
     _build_hf(_hf_config(heads=4, kv_heads=2, layers=3), seed=5, path=tmp_path)
     loaded = load_model(resolve_model(str(tmp_path)), dtype=torch.float32, device="cpu")
     tokens, held = {}, []
+    threads = torch.get_num_threads()  # the engines pin one thread (a tie-free greedy order); restored below
     for name in ("torch", "cpu"):
         engine = Engine(EngineConfig(num_kv_blocks=128, block_size=16, max_model_len=512, attention_backend=name,
-                                     device="cpu", dtype="float32", enable_prefix_caching=False), loaded=loaded)
+                                     device="cpu", dtype="float32", enable_prefix_caching=False, num_threads=1,
+                                     linear_kernel="torch"), loaded=loaded)
         out: dict[str, list[int]] = {}
         for step in range(40):
             if step in (0, 3, 9):  # late joiners, each with its own length and output budget
@@ -193,6 +195,7 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
         tokens[name] = out
         if name == "cpu":
             assert engine.runner.backend.contexts.buf is None and not engine.runner.backend.contexts.seqs
+    torch.set_num_threads(threads)
     assert len(tokens["torch"]) == 6 and tokens["cpu"] == tokens["torch"]
     assert max(held) >= 4  # the copies were used, for several sequences at once
 

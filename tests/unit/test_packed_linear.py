@@ -73,3 +73,13 @@ def test_engine_greedy_tokens_and_logits_match_the_reference(make_engine, smollm
     model = smollm2.model
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
     set_linear_kernel(model, "auto")  # leave the shared model as the default engines expect
+
+
+def test_row_counts_fall_into_few_buckets():
+    """oneDNN keeps memory per row count it has multiplied: every row count a worker can
+    see (up to a 2,048-token step) maps to at most 47 padded ones, each >= the real one."""
+    from workers.model.packed_linear import _EXACT_ROWS, _bucket
+
+    padded = {r if r <= _EXACT_ROWS else _bucket(r) for r in range(1, 2049)}
+    assert len(padded) <= 15 + 2048 // 64
+    assert all(_bucket(r) >= r for r in range(1, 2049))

@@ -26,6 +26,17 @@ KERNELS = ("auto", "torch", "onednn")
 # The row count oneDNN lays the packed weight out for. Any row count runs; 1 is slow
 # for batches, and 8 to 256 measured the same on this machine's CPU.
 _BATCH_HINT = 32
+# oneDNN builds and keeps a primitive, with memory that stays (~0.45 MiB per weight
+# shape), for every new row count it multiplies. A prefill worker sees every chunk
+# length, so row counts are padded up to a few buckets: exact up to 8, multiples of 8 up
+# to 64 (a product of so few rows costs the weight read, not the rows), multiples of 64
+# above: at most 15 + max_rows / 64 row counts per weight shape ever
+# (``python -m bench.heap_growth --linear-rows 256`` measures the memory per kernel).
+_EXACT_ROWS = 8
+
+
+def _bucket(rows: int) -> int:
+    return -(-rows // 8) * 8 if rows <= 64 else -(-rows // 64) * 64
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -57,7 +68,14 @@ class PackedLinear(nn.Module):
         return self.packed_weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        if rows <= _EXACT_ROWS or rows == _bucket(rows):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        # Padded to a bucket's row count; each output row is its input row's product alone.
+        padded = x.new_zeros(_bucket(rows), self.in_features)
+        padded[:rows] = x.reshape(rows, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(padded, self.packed_weight, self.bias, "none", [], "")
+        return out[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
