@@ -113,7 +113,7 @@ def test_decode_contexts_across_steps_equal_reference():
     step equals the torch reference, which gathers from the paged cache each time."""
     spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
     caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
-    backends = {name: get_backend(name, torch.device("cpu")) for name in caches}
+    backends = {name: get_backend(name, torch.device("cpu"), decode_context_copies=True) for name in caches}
     gen = torch.Generator().manual_seed(2)
     seqs = _Seqs(caches["cpu"], gen)
     for sid, n in [("a", 5), ("b", 17), ("c", 1), ("d", 123)]:  # "d" outgrows 128 tokens at step 5
@@ -144,22 +144,28 @@ def test_decode_contexts_across_steps_equal_reference():
 def test_decode_contexts_fall_back_to_gathering_past_the_pool_size():
     """Copies that would outgrow the KV pool are not made: the step gathers instead, still exact."""
     spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
-    caches = {name: KVCache(spec, 40, torch.device("cpu")) for name in ("torch", "cpu")}
+    caches = {name: KVCache(spec, 80, torch.device("cpu")) for name in ("torch", "cpu")}
     gen = torch.Generator().manual_seed(3)
     seqs = _Seqs(caches["cpu"], gen)
     for sid in "abc":
-        seqs.start(sid, 40)  # 4 slots x 64 tokens > 40 blocks x 4 tokens
+        seqs.start(sid, 70)  # 4 slots x 128 tokens > 80 blocks x 4 tokens
     caches["torch"].storage.copy_(caches["cpu"].storage)
     batch = seqs.decode_batch(["a", "b", "c"])
-    backends = {name: get_backend(name, torch.device("cpu")) for name in caches}
+    backends = {name: get_backend(name, torch.device("cpu"), decode_context_copies=True) for name in caches}
     out = {}
     for name in caches:
         plan = backends[name].plan(batch, caches[name], HQ)
         q_gen = torch.Generator().manual_seed(7)
         out[name] = [plan.run(layer, *(torch.randn(3, h, D, generator=q_gen) for h in (HQ, HKV, HKV)))
                      for layer in range(LAYERS)]
-    assert backends["cpu"].contexts.buf is None and not backends["cpu"].contexts.seqs
+    held = backends["cpu"].contexts
+    assert held.buf is None and not held.seqs and held.refused
     torch.testing.assert_close(torch.stack(out["cpu"]), torch.stack(out["torch"]), atol=1e-6, rtol=1e-6)
+    # A batch that would fit still gathers until the engine is idle: no rebuild at the limit.
+    small = (["z"], [11], [seqs.tables["a"][:3]])  # 4 slots x 64 tokens: would fit
+    assert held.arrange(*small) is None
+    backends["cpu"].release()
+    assert not held.refused and held.arrange(*small) == [0]
 
 
 def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tmp_path):
@@ -179,7 +185,7 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
     for name in ("torch", "cpu"):
         engine = Engine(EngineConfig(num_kv_blocks=128, block_size=16, max_model_len=512, attention_backend=name,
                                      device="cpu", dtype="float32", enable_prefix_caching=False, num_threads=1,
-                                     linear_kernel="torch"), loaded=loaded)
+                                     linear_kernel="torch", decode_context_copies=True), loaded=loaded)
         out: dict[str, list[int]] = {}
         for step in range(40):
             if step in (0, 3, 9):  # late joiners, each with its own length and output budget
@@ -201,14 +207,14 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
 
 
 def test_decode_context_copies_off_gathers_every_step():
-    """``engine.decode_context_copies: false``: the cpu backend keeps nothing across steps."""
+    """``engine.decode_context_copies: false`` (the default): the cpu backend keeps nothing across steps."""
     spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
     caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
     seqs = _Seqs(caches["cpu"], torch.Generator().manual_seed(4))
     for sid in "ab":
         seqs.start(sid, 9)
     backends = {"torch": get_backend("torch", torch.device("cpu")),
-                "cpu": get_backend("cpu", torch.device("cpu"), decode_context_copies=False)}
+                "cpu": get_backend("cpu", torch.device("cpu"))}
     for step in range(3):
         caches["torch"].storage.copy_(caches["cpu"].storage)
         batch = seqs.decode_batch(["a", "b"])

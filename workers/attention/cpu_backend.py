@@ -1,16 +1,19 @@
-"""The CPU attention backend: the torch reference without the per-step decode gather.
+"""The CPU attention backend: the torch reference with a cheaper decode and SDPA's fused prefill.
 
-The reference gathers every decode sequence's whole context out of the paged cache, per
-layer and per step, into a fresh padded tensor: at batch 32 and 300-token contexts that
-copy was a quarter of the decode step. Here the backend keeps each running decode
-sequence's context as a contiguous, head-major copy across steps
-(:class:`DecodeContexts`): a step appends the new token's K/V to it and attends to it in
-place, and a sequence's context is gathered once, when it first decodes (or when its
-copy no longer matches its blocks). The query heads that share a KV head attend as one
-group (GQA without repeating K/V). The copies take at most as much memory as the KV pool
-(beyond that a step falls back to gathering, as it does for a compacted sequence that
-hides slots per layer). The attention is SDPA on the same values, so the results are the
-reference's within float rounding (``tests/unit/test_cpu_attention.py``).
+The reference gathers every decode sequence's whole context with a two-tensor index per
+layer into a fresh padded tensor. Here one plan computes, once per step, the row of every
+context slot in the layer's cache, and every layer gathers them per KV head with
+``index_select`` into one reused head-major buffer. With ``decode_context_copies`` on, the
+backend instead keeps each running decode sequence's context as a contiguous, head-major
+copy across steps (:class:`DecodeContexts`): a step appends the new token's K/V and
+attends to the copy in place; a context is gathered once, when the sequence first
+decodes (or when its copy no longer matches its blocks). The copies take at most as much
+memory as the KV pool (once they would not fit, steps gather until the engine is idle).
+In process that made the decode step 1.2-1.9x faster; in serving on a 2-core host it
+showed no gain (``bench/results/peer.md``), so it is off by default. Either way the query
+heads that share a KV head attend as one group (GQA without repeating K/V), and the
+attention is SDPA on the same values, so the results are the reference's within float
+rounding (``tests/unit/test_cpu_attention.py``).
 
 Prefill chunks run the reference's SDPA call with a batch dimension added, which sends
 them to torch's fused (flash) CPU kernel instead of the unfused math path the
@@ -48,6 +51,9 @@ class DecodeContexts:
         self.max_bytes = kv_cache.nbytes  # never more than the paged pool itself
         self.buf: torch.Tensor | None = None
         self.seqs: dict[str, _Context] = {}
+        # Once the copies would not fit, gather until the engine is idle again: a batch
+        # that hovers at the limit would otherwise rebuild every copy each time it fits.
+        self.refused = False
 
     def clear(self) -> None:
         self.buf, self.seqs = None, {}
@@ -56,7 +62,10 @@ class DecodeContexts:
         """Slot of each decode sequence (``lens`` count the new token, whose K/V the step
         writes with :meth:`append`). Drops the sequences not in this step, keeps the slots
         dense, grows the buffer and copies in the sequences new to it. None (and nothing
-        kept) when the buffer would outgrow the KV pool's size."""
+        kept) when the buffer would outgrow the KV pool's size, and from then on until
+        the engine is idle (:meth:`CPUAttentionBackend.release`)."""
+        if self.refused:
+            return None
         keep: dict[str, _Context] = {}
         for i, sid in enumerate(ids):
             c = self.seqs.get(sid)
@@ -77,6 +86,7 @@ class DecodeContexts:
             shape = (spec.num_layers, 2, spec.num_kv_heads, slots, tokens, spec.head_dim)
             if torch.Size(shape).numel() * self.kv_cache.storage.element_size() > self.max_bytes:
                 self.clear()
+                self.refused = True
                 return None
             self.buf = torch.empty(shape, dtype=spec.dtype, device=self.kv_cache.storage.device)
             src_of = {to: fr for fr, to in moves}
@@ -193,7 +203,7 @@ class CPUAttentionPlan(TorchAttentionPlan):
 class CPUAttentionBackend:
     name = "cpu"
 
-    def __init__(self, decode_context_copies: bool = True) -> None:
+    def __init__(self, decode_context_copies: bool = False) -> None:
         self.copies = decode_context_copies
         self.contexts: DecodeContexts | None = None
 
@@ -207,3 +217,4 @@ class CPUAttentionBackend:
     def release(self) -> None:
         if self.contexts is not None:
             self.contexts.clear()  # an idle worker holds no copies
+            self.contexts.refused = False
