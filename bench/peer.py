@@ -59,8 +59,8 @@ KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
                   ["--colocated", "--decode-workers", "1", "--threads", "2"]),
     "2p1d": ("2 prefill + 1 decode workers, 1 torch thread each (3 single-thread processes on the cores), float32",
              ["--prefill-workers", "2", "--decode-workers", "1", "--threads", "1"]),
-    "nocopies": ("the default pools with `engine.decode_context_copies=false` (the cpu backend gathers decode contexts every step)",
-                 ["--set", "engine.decode_context_copies=false"]),
+    "copies": ("the default pools with `engine.decode_context_copies=true` (running decode contexts kept as contiguous copies)",
+               ["--set", "engine.decode_context_copies=true"]),
     "p2t": ("1 prefill worker with 2 torch threads (OpenMP threads sleep at barriers) + 1 decode worker with 1, float32",
             ["--prefill-workers", "1", "--set", "pools.prefill_threads=2"]),
 }
