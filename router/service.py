@@ -229,10 +229,14 @@ class RouterService:
 
     # ---- placement --------------------------------------------------------------------
 
-    def _snapshots(self, role: str, exclude: frozenset[str] = frozenset()) -> list[WorkerSnapshot]:
+    def _snapshots(self, role: str, exclude: frozenset[str] = frozenset(),
+                   live: dict[str, int] | None = None) -> list[WorkerSnapshot]:
+        """``live``: live conversations per worker (``LivePrefixes.counts``), computed once
+        per placement by the caller; read here when not given."""
         out = []
         index = self.indexes[role]
-        live = self.live_prefixes.counts(time.monotonic())
+        if live is None:
+            live = self.live_prefixes.counts(time.monotonic())
         for w in self.cluster.worker_states().get(role, []):
             h = w.health
             # Health is probed periodically; requests placed since then are not in it yet.
@@ -276,8 +280,9 @@ class RouterService:
             decode_match=decode_match,
             block_bytes=0.0 if colocated else self._shipped_block_bytes(compression),
         )
-        placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude),
-                                       self._snapshots(decode_role, exclude))
+        live = self.live_prefixes.counts(time.monotonic())
+        placement = self.policy.choose(req, [] if colocated else self._snapshots("prefill", exclude, live),
+                                       self._snapshots(decode_role, exclude, live))
         for worker in filter(None, (placement.prefill, placement.decode)):
             self.metrics.decisions.labels(self.policy_name, worker).inc()
         for part, value in placement.parts.items():

@@ -9,7 +9,7 @@ copy across steps (:class:`DecodeContexts`): a step appends the new token's K/V 
 attends to the copy in place; a context is gathered once, when the sequence first
 decodes (or when its copy no longer matches its blocks). The copies take at most as much
 memory as the KV pool (once they would not fit, steps gather until the engine is idle).
-In process that made the decode step 1.2-1.9x faster; in serving on a 2-core host it
+In process (an ad-hoc measurement) that made the decode step 1.2-1.9x faster; in serving on a 2-core host it
 showed no gain (``bench/results/peer.md``), so it is off by default. Either way the query
 heads that share a KV head attend as one group (GQA without repeating K/V), and the
 attention is SDPA on the same values, so the results are the reference's within float
