@@ -88,7 +88,9 @@ class DecodeContexts:
                 self.clear()
                 self.refused = True
                 return None
-            self.buf = torch.empty(shape, dtype=spec.dtype, device=self.kv_cache.storage.device)
+            # Zeros, not empty: rows past a sequence's length are masked out, but a masked
+            # weight of 0 times an uninitialised NaN is NaN (CI hit it once).
+            self.buf = torch.zeros(shape, dtype=spec.dtype, device=self.kv_cache.storage.device)
             src_of = {to: fr for fr, to in moves}
             for c in keep.values():
                 src = src_of.get(c.slot, c.slot)
