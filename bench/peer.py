@@ -59,8 +59,8 @@ KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
                   ["--colocated", "--decode-workers", "1", "--threads", "2"]),
     "2p1d": ("2 prefill + 1 decode workers, 1 torch thread each (3 single-thread processes on the cores), float32",
              ["--prefill-workers", "2", "--decode-workers", "1", "--threads", "1"]),
-    "copies": ("the default pools with `engine.decode_context_copies=true` (running decode contexts kept as contiguous copies)",
-               ["--set", "engine.decode_context_copies=true"]),
+    "gather": ("the default pools with `engine.decode_context_copies=false` (decode contexts gathered from the paged cache each step)",
+               ["--set", "engine.decode_context_copies=false"]),
     "p2t": ("1 prefill worker with 2 torch threads (OpenMP threads sleep at barriers) + 1 decode worker with 1, float32",
             ["--prefill-workers", "1", "--set", "pools.prefill_threads=2"]),
 }
@@ -139,6 +139,30 @@ def profile_processes(url: str, out_dir: Path, duration_s: int) -> list[subproce
     return procs
 
 
+# Counters read from kvrelay's /metrics before and after each scenario: where the router
+# placed requests and what the prefix caches saved (the deltas go into peer.json).
+PLACEMENT_COUNTERS = ("kvrelay_router_decisions_total", "kvrelay_prefill_computed_tokens_total",
+                      "kvrelay_prefix_cache_hit_tokens_total", "kvrelay_prefix_cache_query_tokens_total",
+                      "kvrelay_preemptions_total", "kvrelay_kv_recomputes_total")
+
+
+def placement_counters(url: str) -> dict[str, float]:
+    """``name[worker]`` -> value for :data:`PLACEMENT_COUNTERS`, from the router and every
+    worker (``/metrics/targets``)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    targets = [t for g in httpx.get(f"{url}/metrics/targets", timeout=10).json() for t in g["targets"]]
+    texts = [httpx.get(f"http://{t}/metrics", timeout=10).text for t in targets]
+    for fam in (f for text in texts for f in text_string_to_metric_families(text)):
+        for smp in fam.samples:
+            if smp.name in PLACEMENT_COUNTERS:
+                key = f"{smp.name.removeprefix('kvrelay_').removesuffix('_total')}[{smp.labels.get('worker', '')}]"
+                out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
 def summary(res: dict) -> dict:
     s = {"output_tok_s": res.get("output_throughput"), "completed": res.get("completed"),
          "failed": res.get("failed", 0), "duration_s": res.get("duration")}
@@ -175,11 +199,17 @@ def run(args: argparse.Namespace) -> dict:
                 if args.profile and system != "vllm" and sc == args.profile_scenario:
                     threading.Timer(args.profile_delay_s, lambda: spies.extend(
                         profile_processes(server.url, out_dir / "profiles" / system, args.profile_duration_s))).start()
+                before = placement_counters(server.url) if system != "vllm" else {}
                 res = drive(server.url, sc, raw / f"{system}-{sc}.json", args.seed)
                 for spy in spies:
                     spy.wait(60)
                 data["runs"].setdefault(sc, {})[system] = {**summary(res), "load_before": la0, "load_after": loadavg(),
                                                             "command": res["_command"]}
+                if system != "vllm":
+                    after = placement_counters(server.url)
+                    data["runs"][sc][system]["placement"] = {k: v - before.get(k, 0.0) for k, v in sorted(after.items())
+                                                             if v - before.get(k, 0.0)}
+                    log(f"{system} {sc} placement: {data['runs'][sc][system]['placement']}")
                 log(f"{system} {sc}: {data['runs'][sc][system]['output_tok_s']:.1f} tok/s")
                 data_path.write_text(json.dumps(data, indent=1))
     data["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

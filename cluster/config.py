@@ -36,7 +36,7 @@ class EngineSection(_Strict):
     # (workers/config.py); 0 = prompt only (running sequences may be preempted).
     decode_reserve_tokens: int = Field(256, ge=0)
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
-    decode_context_copies: bool = False  # cpu attention backend (workers/config.py)
+    decode_context_copies: bool = True  # cpu attention backend (workers/config.py)
     linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
 

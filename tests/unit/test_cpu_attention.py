@@ -210,14 +210,14 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
 
 
 def test_decode_context_copies_off_gathers_every_step():
-    """``engine.decode_context_copies: false`` (the default): the cpu backend keeps nothing across steps."""
+    """``engine.decode_context_copies: false``: the cpu backend keeps nothing across steps."""
     spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
     caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
     seqs = _Seqs(caches["cpu"], torch.Generator().manual_seed(4))
     for sid in "ab":
         seqs.start(sid, 9)
     backends = {"torch": get_backend("torch", torch.device("cpu")),
-                "cpu": get_backend("cpu", torch.device("cpu"))}
+                "cpu": get_backend("cpu", torch.device("cpu"), decode_context_copies=False)}
     for step in range(3):
         caches["torch"].storage.copy_(caches["cpu"].storage)
         batch = seqs.decode_batch(["a", "b"])

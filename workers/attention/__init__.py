@@ -10,7 +10,7 @@ import torch
 from workers.attention.batch import AttentionBackend, AttentionBatch
 
 
-def get_backend(name: str, device: torch.device, decode_context_copies: bool = False) -> AttentionBackend:
+def get_backend(name: str, device: torch.device, decode_context_copies: bool = True) -> AttentionBackend:
     if name == "auto":
         if device.type == "cuda":
             name = "flashinfer" if _has_flashinfer() else "torch"
