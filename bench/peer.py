@@ -61,6 +61,8 @@ KVRELAY_CONFIGS: dict[str, tuple[str, list[str]]] = {
              ["--prefill-workers", "2", "--decode-workers", "1", "--threads", "1"]),
     "gather": ("the default pools with `engine.decode_context_copies=false` (decode contexts gathered from the paged cache each step)",
                ["--set", "engine.decode_context_copies=false"]),
+    "d2t": ("2 prefill workers with 1 torch thread each + 1 decode worker with 2 (OpenMP threads sleep at barriers), float32",
+            ["--prefill-workers", "2", "--set", "pools.decode_threads=2"]),
     "p2t": ("1 prefill worker with 2 torch threads (OpenMP threads sleep at barriers) + 1 decode worker with 1, float32",
             ["--prefill-workers", "1", "--set", "pools.prefill_threads=2"]),
 }
