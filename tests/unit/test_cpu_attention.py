@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from workers.attention import AttentionBatch, get_backend
+from workers.attention.cpu_backend import DecodeContexts
 from workers.kv_cache import KVCache, KVCacheSpec
 
 LAYERS, HKV, HQ, D, BS = 3, 2, 6, 16, 4
@@ -174,7 +175,7 @@ def test_decode_contexts_fall_back_to_gathering_past_the_pool_size():
 def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tmp_path):
     """Through the engine (tiny random Llama): requests of different lengths join and finish
     at different steps; greedy tokens equal the torch backend's, the copies are held while
-    sequences decode and released once the engine has no request left."""
+    sequences decode; once the engine has no request left it holds no sequence and keeps the buffer."""
     from tests.unit.test_model_loading import _build_hf, _hf_config, _prompt
     from workers.config import EngineConfig
     from workers.engine import Engine
@@ -203,7 +204,15 @@ def test_engine_decodes_on_kept_contexts_like_the_reference_and_releases_them(tm
         assert not engine.requests
         tokens[name] = out
         if name == "cpu":
-            assert engine.runner.backend.contexts.buf is None and not engine.runner.backend.contexts.seqs
+            ctx = engine.runner.backend.contexts
+            assert not ctx.seqs and not ctx.refused  # an idle engine holds no sequence...
+            buf = ctx.buf  # ...but keeps the buffer, within the KV pool's size, for the next batch
+            assert buf is not None and buf.numel() * buf.element_size() <= engine.kv_cache.nbytes
+            engine.add_request("again", _prompt(30, loaded.config.vocab_size, seed=99),
+                               SamplingParams(max_tokens=4, temperature=0.0))
+            while engine.requests:
+                engine.step()
+            assert ctx.buf is buf
     torch.set_num_threads(threads)
     assert len(tokens["torch"]) == 6 and tokens["cpu"] == tokens["torch"]
     assert max(held) >= 4  # the copies were used, for several sequences at once
@@ -229,3 +238,32 @@ def test_decode_context_copies_off_gathers_every_step():
                                      for layer in range(LAYERS)])
         torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-6, rtol=1e-6)
         assert backends["cpu"].contexts is None
+
+
+def test_decode_contexts_grow_by_half_again_not_step_by_step():
+    """A batch that fills up one sequence per step while its contexts lengthen regrows the
+    copy buffer a few times (each regrow copies every kept context), and a regrow that
+    would pass the pool's size falls back to the exact need before refusing."""
+    spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
+    cache = KVCache(spec, 1200, torch.device("cpu"))
+    held = DecodeContexts(cache)
+    seqs = _Seqs(cache, torch.Generator().manual_seed(5))
+    buffers, order = [], []
+    for step in range(40):
+        if len(order) < 32:
+            order.append(f"s{step}")
+            seqs.start(order[-1], 30 + step)
+        batch = seqs.decode_batch(order)
+        assert held.arrange(batch.seq_ids, batch.seq_lens, batch.block_tables) is not None
+        held.commit(batch.seq_ids, batch.seq_lens, batch.block_tables)
+        if not buffers or held.buf is not buffers[-1]:
+            buffers.append(held.buf)
+    assert held.buf.shape[3] >= 32 and held.buf.shape[4] >= max(seqs.lens.values())
+    assert len(buffers) <= 8  # step by step (4 slots, 64 tokens at a time) it was 11 here
+    # Near the pool's size: the exact need still fits where half again would not.
+    small = DecodeContexts(cache)
+    small.buf = torch.zeros(LAYERS, 2, HKV, 28, 128, D)
+    small.max_bytes = small.buf[:, :, :, :1].numel() * 4 * 36  # room for 36 slots of 128 tokens
+    assert small._grown_shape(30, 100)[3:5] == (32, 128)  # half again (44 slots) would not fit
+    assert small._grown_shape(36, 128)[3:5] == (36, 128)
+    assert small._grown_shape(37, 100) is None  # not even the exact need

@@ -8,7 +8,8 @@ backend instead keeps each running decode sequence's context as a contiguous, he
 copy across steps (:class:`DecodeContexts`): a step appends the new token's K/V and
 attends to the copy in place; a context is gathered once, when the sequence first
 decodes (or when its copy no longer matches its blocks). The copies take at most as much
-memory as the KV pool (once they would not fit, steps gather until the engine is idle).
+memory as the KV pool (once they would not fit, steps gather until the engine is idle);
+the buffer grows by half again when it must, and stays allocated while the worker idles.
 In process (an ad-hoc measurement) that made the decode step 1.2-1.9x faster; served side
 by side on a 2-core host, 1.1x output tok/s at concurrency 8 and 32 and more with
 longer contexts (``bench/results/peer.md``), so it is on by default
@@ -82,25 +83,20 @@ class DecodeContexts:
                 c.slot = moves[-1][1]
         old, need_len = self.buf, max(lens)
         if old is None or old.shape[3] < n or old.shape[4] < need_len:
-            spec = self.kv_cache.spec
-            slots = max(-(-n // _SLOTS) * _SLOTS, 0 if old is None else old.shape[3])
-            tokens = max(-(-need_len // _TOKENS) * _TOKENS, 0 if old is None else old.shape[4])
-            shape = (spec.num_layers, 2, spec.num_kv_heads, slots, tokens, spec.head_dim)
-            if torch.Size(shape).numel() * self.kv_cache.storage.element_size() > self.max_bytes:
+            shape = self._grown_shape(n, need_len)
+            if shape is None:
                 self.clear()
                 self.refused = True
                 return None
             # Zeros, not empty: rows past a sequence's length are masked out, but a masked
             # weight of 0 times an uninitialised NaN is NaN (CI hit it once).
-            self.buf = torch.zeros(shape, dtype=spec.dtype, device=self.kv_cache.storage.device)
-            src_of = {to: fr for fr, to in moves}
-            for c in keep.values():
-                src = src_of.get(c.slot, c.slot)
-                self.buf[:, :, :, c.slot, : c.length] = old[:, :, :, src, : c.length]
-        else:
-            for fr, to in moves:
-                length = next(c.length for c in keep.values() if c.slot == to)
-                self.buf[:, :, :, to, :length] = self.buf[:, :, :, fr, :length]
+            self.buf = torch.zeros(shape, dtype=old.dtype if old is not None else self.kv_cache.spec.dtype,
+                                   device=self.kv_cache.storage.device)
+            if old is not None:  # everything the old buffer held, in one copy; the moves below
+                self.buf[:, :, :, : old.shape[3], : old.shape[4]] = old
+        for fr, to in moves:
+            length = next(c.length for c in keep.values() if c.slot == to)
+            self.buf[:, :, :, to, :length] = self.buf[:, :, :, fr, :length]
         bs = self.kv_cache.spec.block_size
         slots_out = []
         for i, sid in enumerate(ids):
@@ -115,6 +111,29 @@ class DecodeContexts:
             slots_out.append(c.slot)
         self.seqs = keep
         return slots_out
+
+    def _grown_shape(self, n: int, need_len: int) -> tuple[int, ...] | None:
+        """The buffer's next shape for ``n`` sequences of up to ``need_len`` tokens: each
+        dimension that is too small grows by half again (at least to what is needed,
+        in steps of _SLOTS / _TOKENS), so that a batch that fills up over many steps
+        regrows a few times, not every few steps (each regrow copies every kept
+        context: at 32 sequences that was 16% of a served decode worker's time). None
+        when even the exact need would outgrow the KV pool's size."""
+        spec, old = self.kv_cache.spec, self.buf
+        have_s, have_t = (0, 0) if old is None else (old.shape[3], old.shape[4])
+
+        def up(need: int, have: int, step: int, grow: bool) -> int:
+            if need <= have:
+                return have
+            want = max(need, int(have * 1.5)) if grow else need
+            return -(-want // step) * step
+
+        for grow in (True, False):
+            shape = (spec.num_layers, 2, spec.num_kv_heads, up(n, have_s, _SLOTS, grow),
+                     up(need_len, have_t, _TOKENS, grow), spec.head_dim)
+            if torch.Size(shape).numel() * self.kv_cache.storage.element_size() <= self.max_bytes:
+                return shape
+        return None
 
     def append(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one new token per sequence (``k``, ``v``: [B, Hkv, D]) at ``pos`` of its slot."""
@@ -220,5 +239,9 @@ class CPUAttentionBackend:
 
     def release(self) -> None:
         if self.contexts is not None:
-            self.contexts.clear()  # an idle worker holds no copies
+            # An idle worker keeps no sequence, but keeps the buffer (at most the KV pool's
+            # size, as while it decodes): fresh memory of that size costs page faults on
+            # its first write, and reallocating it after every idle spell made regrows
+            # 16% of a served decode worker's time (torch.zeros, in the c32 profile).
+            self.contexts.seqs = {}
             self.contexts.refused = False
