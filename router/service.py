@@ -128,13 +128,17 @@ class RouterService:
 
     async def pump_events(self) -> None:
         """Drain every up worker's KV events into its pool's index (resync after a gap
-        or a restart). Never blocks on a dead worker beyond a short deadline."""
+        or a restart). Never blocks on a dead worker beyond a short deadline.
+        Prompts prefilled before this drain began leave the pending prefixes once it
+        is applied (their blocks are in the index now; router/pending_prefixes.py)."""
+        settled, done = self.pending_prefixes.drain_started(), set()
         for role, states in self.cluster.worker_states().items():
             index = self.indexes[role]
             drained, handles = {}, {}
             for w in states:
                 name = w.handle.name
                 if not w.up or w.health is None:
+                    done.add(name)  # down: what it held is not known either way
                     continue
                 if self._started_at.get(name) not in (None, w.health.started_at):
                     index.invalidate(name, "worker restarted")
@@ -145,6 +149,7 @@ class RouterService:
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
             index.apply_many(drained)  # one vectorised pass over the whole pool's events
+            done.update(drained)
             for name in index.needs_resync():
                 if name not in handles:
                     continue
@@ -152,6 +157,7 @@ class RouterService:
                     index.resync(name, await handles[name].call(WorkerAPI.kv_snapshot, timeout_s=5.0))
                 except Exception as e:
                     log.debug("snapshot of %s: %s", name, e)
+        self.pending_prefixes.drained(settled, done)
 
     async def _event_loop(self) -> None:
         while True:
@@ -397,7 +403,8 @@ class RouterService:
                         self._unplace(charged["prefill"])
                         charged["prefill"] = None  # counted on the prefill worker until its first token
                         unqueue()
-                        self.pending_prefixes.remove(pending)
+                        # stays matched until the index has drained its stored blocks
+                        self.pending_prefixes.prefilled(pending)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
                         result.cached_tokens = out.num_cached_tokens
@@ -440,7 +447,7 @@ class RouterService:
             for c in charges:  # every choice has ended (or never started)
                 self._unplace(c["prefill"])
                 self._unplace(c["decode"])
-            self.pending_prefixes.remove(pending)
+            self.pending_prefixes.end(pending)  # a prefilled prompt waits for its drain
             self.live_prefixes.finish(chain, time.monotonic())
 
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:

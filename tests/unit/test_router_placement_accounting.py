@@ -130,3 +130,66 @@ def test_live_conversations_count_from_placement_to_a_think_time_after(service, 
         assert sum(w.live_prefixes for w in service._snapshots("prefill")) == 0
 
     asyncio.run(go())
+
+
+class _EventHandle:
+    """A worker handle whose KV-event drain returns what the test stored there, and
+    waits while ``hold`` is set (a worker busy in a step: the drain lags)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list = []
+        self.hold: asyncio.Event | None = None
+
+    async def call(self, method, timeout_s: float = 0.0):
+        from cluster.worker_api import WorkerAPI
+
+        assert method is WorkerAPI.kv_events, method
+        if self.hold is not None:
+            await self.hold.wait()
+        out, self.events = self.events, []
+        return out
+
+
+def test_a_follow_up_between_the_first_token_and_the_index_drain_goes_where_its_prefix_is(service):
+    """The first token says the parent's blocks are stored; the index learns them at
+    the next drain of that worker's events, which waits for its current step. A
+    follow-up placed in between used to look cold (the pending prefix was released at
+    the first token) and went to the other worker by the live-conversation balance;
+    it now goes where its parent was computed, and the pending entry leaves only once
+    a drain begun after the first token has been applied."""
+    async def go():
+        service.cluster = cluster = FakeCluster()
+        handles = {}
+        for states in cluster.states.values():
+            for w in states:
+                handles[w.handle.name] = w.handle = _EventHandle(w.handle.name)
+        parent = list(range(20000, 20000 + 352))  # 22 blocks
+        hashes = service.hasher.hash_blocks(parent)
+        result = RequestResult(len(parent))
+
+        async def consume(p, r):
+            async for _ in service.run(p, [SamplingParams(max_tokens=2)], [], r):
+                pass
+
+        task = asyncio.create_task(consume(parent, result))
+        await asyncio.sleep(0.05)
+        where = result.placement.prefill
+        handles[where].hold = hold = asyncio.Event()  # its worker is busy in its next step
+        # a drain that starts now (before the first token) waits on that worker
+        early = asyncio.create_task(service.pump_events())
+        await asyncio.sleep(0.01)
+        cluster.go.set()  # prefill done: blocks stored, first token back, request ends
+        await task
+        handles[where].events.append(BlockStored(1, tuple(hashes), None))
+        follow_up = parent + list(range(30000, 30000 + 160))
+        assert service.place(follow_up).prefill == where  # the index does not know it yet
+        hold.set()
+        await early  # began before the first token: the entry stays (this drain may or
+        assert len(service.pending_prefixes) == 1  # may not have run after the store; here it did)
+        assert service.indexes["prefill"].match(service.hasher.hash_blocks(follow_up), touch=False).blocks[where] == 22
+        await service.pump_events()  # began after: the index has the blocks, the entry goes
+        assert len(service.pending_prefixes) == 0
+        assert service.place(follow_up).prefill == where
+
+    asyncio.run(go())
