@@ -28,7 +28,7 @@ from router.live_prefixes import LivePrefixes
 from router.pending_prefixes import PendingPrefixes
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
-from router.residency_index import ResidencyIndex
+from router.residency_index import ResidencyIndex, WorkerMode
 from router.tokenizer import load_tokenizer
 from workers.loader import read_model_config, resolve_model
 
@@ -38,6 +38,14 @@ PROBE_TEXT = (
     "kvrelay start-up self-check: the router and the workers must agree on the tokenizer, "
     "the chat template and the block hash function, or KV-aware placement is blind."
 )
+
+
+# A KV-event drain waits for its worker's step in progress: the pump applies what came
+# back within DRAIN_WAIT_S and lets the rest run on; a call is given up (its events
+# lost, the worker resynced from its snapshot) only after DRAIN_TIMEOUT_S, as long as
+# the engine thread itself waits for a caller's function (AsyncEngine.run_on_engine).
+DRAIN_WAIT_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
 
 
 class SelfCheckError(RuntimeError):
@@ -97,6 +105,8 @@ class RouterService:
         self.live_prefixes = LivePrefixes(config.router.live_prefix_window_s)  # conversations per compute worker
         self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
+        # worker -> its KV-event drain in flight, the prompts prefilled before it began, its handle
+        self._drains: dict[str, tuple[asyncio.Future, frozenset[int], object]] = {}
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -121,6 +131,9 @@ class RouterService:
         self.ready = False
         for t in self._tasks:
             t.cancel()
+        for t, _, _ in self._drains.values():
+            t.cancel()
+        self._drains.clear()
         if self.cluster is not None:
             await stop_cluster(self.cluster)
 
@@ -129,27 +142,51 @@ class RouterService:
     async def pump_events(self) -> None:
         """Drain every up worker's KV events into its pool's index (resync after a gap
         or a restart). Never blocks on a dead worker beyond a short deadline.
-        Prompts prefilled before this drain began leave the pending prefixes once it
-        is applied (their blocks are in the index now; router/pending_prefixes.py)."""
-        settled, done = self.pending_prefixes.drain_started(), set()
-        for role, states in self.cluster.worker_states().items():
-            index = self.indexes[role]
-            drained, handles = {}, {}
-            for w in states:
+
+        The drains run concurrently, one call in flight per worker, and a call is never
+        abandoned while it may still return events. A drain runs on the worker's engine
+        thread between steps, so it waits for the step in progress (a 2,048-token
+        prefill step takes seconds on a loaded CPU); the pump applies the drains that
+        came back within ``DRAIN_WAIT_S`` and leaves the others running for the next
+        pump. Before, each worker was drained in turn with a 2 s timeout: a timed-out
+        call still emptied the worker's queue, its events were lost, the next drain saw
+        a gap, and the worker's whole index was dropped until its snapshot came back
+        (bench/serving_mooncake_diagnosis.py; serving-mooncake.md's Reading).
+
+        Prompts prefilled before a worker's drain began leave the pending prefixes once
+        that drain is applied and the worker's index is exact (router/pending_prefixes.py)."""
+        states = self.cluster.worker_states()
+        down = set()
+        for role, ws in states.items():
+            for w in ws:
                 name = w.handle.name
                 if not w.up or w.health is None:
-                    done.add(name)  # down: what it held is not known either way
+                    down.add(name)  # what it held is not known either way
                     continue
                 if self._started_at.get(name) not in (None, w.health.started_at):
-                    index.invalidate(name, "worker restarted")
+                    self.indexes[role].invalidate(name, "worker restarted")
                 self._started_at[name] = w.health.started_at
+                if name not in self._drains:
+                    call = w.handle.call(WorkerAPI.kv_events, timeout_s=DRAIN_TIMEOUT_S)
+                    self._drains[name] = (asyncio.ensure_future(call), self.pending_prefixes.drain_started(), w.handle)
+        if self._drains:
+            await asyncio.wait([t for t, _, _ in self._drains.values()], timeout=DRAIN_WAIT_S)
+        for role, ws in states.items():
+            index = self.indexes[role]
+            drained, handles, settled = {}, {}, {}
+            for w in ws:
+                name = w.handle.name
+                entry = self._drains.get(name)
+                if entry is None or not entry[0].done():
+                    continue
+                del self._drains[name]
+                task, settled[name], handles[name] = entry
                 try:
-                    drained[name] = await w.handle.call(WorkerAPI.kv_events, timeout_s=2.0)
-                    handles[name] = w.handle
+                    drained[name] = task.result()
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
-            index.apply_many(drained)  # one vectorised pass over the whole pool's events
-            done.update(drained)
+                    del handles[name], settled[name]
+            index.apply_many(drained)  # one vectorised pass over the pool's events that came back
             for name in index.needs_resync():
                 if name not in handles:
                     continue
@@ -157,7 +194,10 @@ class RouterService:
                     index.resync(name, await handles[name].call(WorkerAPI.kv_snapshot, timeout_s=5.0))
                 except Exception as e:
                     log.debug("snapshot of %s: %s", name, e)
-        self.pending_prefixes.drained(settled, done)
+            for name, handles_prefilled in settled.items():
+                if index.worker_mode(name) is WorkerMode.EXACT:
+                    self.pending_prefixes.drained(handles_prefilled, {name})
+        self.pending_prefixes.drained(self.pending_prefixes.drain_started(), down)
 
     async def _event_loop(self) -> None:
         while True:
