@@ -77,7 +77,7 @@ async def run(args) -> dict[str, Any]:
                     removed[w].append((now, gone))
             results = apply_many[role](events)
             for w, res in results.items():
-                if res.dropped or res.resyncing:
+                if res.dropped or res.needs_resync:
                     index_log.append((now, w, f"events dropped {res.dropped}, resyncing: {res.reason}"))
             return results
         return wrapped
