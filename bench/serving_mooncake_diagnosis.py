@@ -82,10 +82,10 @@ async def run(args) -> dict[str, Any]:
             return results
         return wrapped
 
-    def resyncing(idx, name):
+    def resyncing(role):
         def wrapped(worker, snapshot):
-            index_log.append((time.monotonic() - t0, worker, f"{name}: {len(snapshot.blocks)} blocks at seq {snapshot.seq}"))
-            return resync[name](worker, snapshot)
+            index_log.append((time.monotonic() - t0, worker, f"resync {role}: {len(snapshot.blocks)} blocks at seq {snapshot.seq}"))
+            return resync[role](worker, snapshot)
         return wrapped
 
     # the router's own notes on draining (a kv_events call that failed or timed out)
@@ -101,7 +101,7 @@ async def run(args) -> dict[str, Any]:
     resync = {role: idx.resync for role, idx in svc.indexes.items()}
     for role, idx in svc.indexes.items():
         idx.apply_many = counting(role)
-        idx.resync = resyncing(idx, f"resync {role}")
+        idx.resync = resyncing(role)
     seen: dict[int, dict[str, Any]] = {}
     choose = svc.policy.choose
 
