@@ -48,6 +48,15 @@ DRAIN_WAIT_S = 1.0
 DRAIN_TIMEOUT_S = 30.0
 
 
+@dataclass
+class _Drain:
+    """One worker's KV-event drain in flight."""
+
+    call: asyncio.Future  # -> list[KVEvent]
+    prefilled: frozenset[int]  # pending-prefix handles prefilled before it began
+    handle: object  # the worker's handle (its snapshot is fetched through it on a gap)
+
+
 class SelfCheckError(RuntimeError):
     """Router and workers disagree on tokens or block hashes."""
 
@@ -105,8 +114,7 @@ class RouterService:
         self.live_prefixes = LivePrefixes(config.router.live_prefix_window_s)  # conversations per compute worker
         self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
-        # worker -> its KV-event drain in flight, the prompts prefilled before it began, its handle
-        self._drains: dict[str, tuple[asyncio.Future, frozenset[int], object]] = {}
+        self._drains: dict[str, _Drain] = {}  # worker -> its KV-event drain in flight
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -131,8 +139,8 @@ class RouterService:
         self.ready = False
         for t in self._tasks:
             t.cancel()
-        for t, _, _ in self._drains.values():
-            t.cancel()
+        for d in self._drains.values():
+            d.call.cancel()
         self._drains.clear()
         if self.cluster is not None:
             await stop_cluster(self.cluster)
@@ -168,24 +176,24 @@ class RouterService:
                 self._started_at[name] = w.health.started_at
                 if name not in self._drains:
                     call = w.handle.call(WorkerAPI.kv_events, timeout_s=DRAIN_TIMEOUT_S)
-                    self._drains[name] = (asyncio.ensure_future(call), self.pending_prefixes.drain_started(), w.handle)
+                    self._drains[name] = _Drain(asyncio.ensure_future(call), self.pending_prefixes.drain_started(), w.handle)
         if self._drains:
-            await asyncio.wait([t for t, _, _ in self._drains.values()], timeout=DRAIN_WAIT_S)
+            await asyncio.wait([d.call for d in self._drains.values()], timeout=DRAIN_WAIT_S)
         for role, ws in states.items():
             index = self.indexes[role]
             drained, handles, settled = {}, {}, {}
             for w in ws:
                 name = w.handle.name
-                entry = self._drains.get(name)
-                if entry is None or not entry[0].done():
+                d = self._drains.get(name)
+                if d is None or not d.call.done():
                     continue
                 del self._drains[name]
-                task, settled[name], handles[name] = entry
                 try:
-                    drained[name] = task.result()
+                    drained[name] = d.call.result()
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
-                    del handles[name], settled[name]
+                    continue
+                settled[name], handles[name] = d.prefilled, d.handle
             index.apply_many(drained)  # one vectorised pass over the pool's events that came back
             for name in index.needs_resync():
                 if name not in handles:
