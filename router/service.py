@@ -28,7 +28,7 @@ from router.live_prefixes import LivePrefixes
 from router.pending_prefixes import PendingPrefixes
 from router.placement import NoWorkerError as NoCandidateError
 from router.placement import Placement, PlacementRequest, WorkerSnapshot, make_policy
-from router.residency_index import ResidencyIndex
+from router.residency_index import ResidencyIndex, WorkerMode
 from router.tokenizer import load_tokenizer
 from workers.loader import read_model_config, resolve_model
 
@@ -38,6 +38,23 @@ PROBE_TEXT = (
     "kvrelay start-up self-check: the router and the workers must agree on the tokenizer, "
     "the chat template and the block hash function, or KV-aware placement is blind."
 )
+
+
+# A KV-event drain waits for its worker's step in progress: the pump applies what came
+# back within DRAIN_WAIT_S and lets the rest run on; a call is given up (its events
+# lost, the worker resynced from its snapshot) only after DRAIN_TIMEOUT_S, as long as
+# the engine thread itself waits for a caller's function (AsyncEngine.run_on_engine).
+DRAIN_WAIT_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Drain:
+    """One worker's KV-event drain in flight."""
+
+    call: asyncio.Future  # -> list[KVEvent]
+    prefilled: frozenset[int]  # pending-prefix handles prefilled before it began
+    handle: object  # the worker's handle (its snapshot is fetched through it on a gap)
 
 
 class SelfCheckError(RuntimeError):
@@ -97,6 +114,7 @@ class RouterService:
         self.live_prefixes = LivePrefixes(config.router.live_prefix_window_s)  # conversations per compute worker
         self._block_bytes = {}  # compression preset -> bytes shipped per block
         self._started_at: dict[str, float] = {}
+        self._drains: dict[str, _Drain] = {}  # worker -> its KV-event drain in flight
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -121,6 +139,9 @@ class RouterService:
         self.ready = False
         for t in self._tasks:
             t.cancel()
+        for d in self._drains.values():
+            d.call.cancel()
+        self._drains.clear()
         if self.cluster is not None:
             await stop_cluster(self.cluster)
 
@@ -128,23 +149,52 @@ class RouterService:
 
     async def pump_events(self) -> None:
         """Drain every up worker's KV events into its pool's index (resync after a gap
-        or a restart). Never blocks on a dead worker beyond a short deadline."""
-        for role, states in self.cluster.worker_states().items():
-            index = self.indexes[role]
-            drained, handles = {}, {}
-            for w in states:
+        or a restart). Never blocks on a dead worker beyond a short deadline.
+
+        The drains run concurrently, one call in flight per worker, and a call is never
+        abandoned while it may still return events. A drain runs on the worker's engine
+        thread between steps, so it waits for the step in progress (a 2,048-token
+        prefill step takes seconds on a loaded CPU); the pump applies the drains that
+        came back within ``DRAIN_WAIT_S`` and leaves the others running for the next
+        pump. Before, each worker was drained in turn with a 2 s timeout: a timed-out
+        call still emptied the worker's queue, its events were lost, the next drain saw
+        a gap, and the worker's whole index was dropped until its snapshot came back
+        (bench/serving_mooncake_diagnosis.py; serving-mooncake.md's Reading).
+
+        Prompts prefilled before a worker's drain began leave the pending prefixes once
+        that drain is applied and the worker's index is exact (router/pending_prefixes.py)."""
+        states = self.cluster.worker_states()
+        down = set()
+        for role, ws in states.items():
+            for w in ws:
                 name = w.handle.name
                 if not w.up or w.health is None:
+                    down.add(name)  # what it held is not known either way
                     continue
                 if self._started_at.get(name) not in (None, w.health.started_at):
-                    index.invalidate(name, "worker restarted")
+                    self.indexes[role].invalidate(name, "worker restarted")
                 self._started_at[name] = w.health.started_at
+                if name not in self._drains:
+                    call = w.handle.call(WorkerAPI.kv_events, timeout_s=DRAIN_TIMEOUT_S)
+                    self._drains[name] = _Drain(asyncio.ensure_future(call), self.pending_prefixes.drain_started(), w.handle)
+        if self._drains:
+            await asyncio.wait([d.call for d in self._drains.values()], timeout=DRAIN_WAIT_S)
+        for role, ws in states.items():
+            index = self.indexes[role]
+            drained, handles, settled = {}, {}, {}
+            for w in ws:
+                name = w.handle.name
+                d = self._drains.get(name)
+                if d is None or not d.call.done():
+                    continue
+                del self._drains[name]
                 try:
-                    drained[name] = await w.handle.call(WorkerAPI.kv_events, timeout_s=2.0)
-                    handles[name] = w.handle
+                    drained[name] = d.call.result()
                 except Exception as e:  # a worker that went away is marked down by its pool
                     log.debug("events from %s: %s", name, e)
-            index.apply_many(drained)  # one vectorised pass over the whole pool's events
+                    continue
+                settled[name], handles[name] = d.prefilled, d.handle
+            index.apply_many(drained)  # one vectorised pass over the pool's events that came back
             for name in index.needs_resync():
                 if name not in handles:
                     continue
@@ -152,6 +202,10 @@ class RouterService:
                     index.resync(name, await handles[name].call(WorkerAPI.kv_snapshot, timeout_s=5.0))
                 except Exception as e:
                     log.debug("snapshot of %s: %s", name, e)
+            for name, handles_prefilled in settled.items():
+                if index.worker_mode(name) is WorkerMode.EXACT:
+                    self.pending_prefixes.drained(handles_prefilled, {name})
+        self.pending_prefixes.drained(self.pending_prefixes.drain_started(), down)
 
     async def _event_loop(self) -> None:
         while True:
@@ -397,7 +451,8 @@ class RouterService:
                         self._unplace(charged["prefill"])
                         charged["prefill"] = None  # counted on the prefill worker until its first token
                         unqueue()
-                        self.pending_prefixes.remove(pending)
+                        # stays matched until the index has drained its stored blocks
+                        self.pending_prefixes.prefilled(pending)
                     if i == 0 and not prefilled.is_set():
                         prefilled.set()
                         result.cached_tokens = out.num_cached_tokens
@@ -440,7 +495,7 @@ class RouterService:
             for c in charges:  # every choice has ended (or never started)
                 self._unplace(c["prefill"])
                 self._unplace(c["decode"])
-            self.pending_prefixes.remove(pending)
+            self.pending_prefixes.end(pending)  # a prefilled prompt waits for its drain
             self.live_prefixes.finish(chain, time.monotonic())
 
     def _observe_tokens(self, result: RequestResult, n: int, previous_at: float | None) -> None:

@@ -46,3 +46,60 @@ def test_last_token_is_always_computed():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="round_robin or affine"):
         lru_placement_estimate([A], BS, 1, 10, "kv_aware")
+
+
+C = list(range(300, 312))
+D = list(range(400, 412))
+
+
+@pytest.mark.parametrize("prompts, capacity, best, affine, ceiling", [
+    # A third conversation evicts A where the affine rule puts it (the fewest started,
+    # ties to worker 0); the best placement puts C on B's worker, which never comes back.
+    ([A, B, C, A + [1, 2]], 3, 12 * 3 + 2, 12 * 3 + 14, 12 * 3 + 2),
+    # Two one-off prompts must evict one of the two conversations: one follow-up misses.
+    ([A, B, C, D, A + [1, 2], B + [1, 2]], 3, 12 * 4 + 2 + 14, None, 12 * 4 + 2 + 2),
+    # No pressure: the affine rule is already the best, the ceiling.
+    ([A, B, B + [3, 4], A + [1, 2]], 100, 12 + 12 + 2 + 2, 12 + 12 + 2 + 2, 12 + 12 + 2 + 2),
+])
+def test_best_placement_estimate_is_the_exhaustive_optimum(prompts, capacity, best, affine, ceiling):
+    """bench.serving.best_placement_estimate: the fewest tokens any assignment of the
+    prompts to 2 workers computes in this model; never above the affine rule or
+    round-robin, never below the one-unbounded-cache ceiling."""
+    import itertools
+
+    from bench.serving import best_placement_estimate
+
+    got = best_placement_estimate(prompts, BS, capacity)
+    assert got == best
+    hits, total = ideal_prefix_hits(prompts, BS)
+    assert total - hits == ceiling <= got
+    if affine is not None:
+        assert lru_placement_estimate(prompts, BS, 2, capacity, "affine") == affine
+    assert got <= lru_placement_estimate(prompts, BS, 2, capacity, "affine")
+    assert got <= lru_placement_estimate(prompts, BS, 2, capacity, "round_robin")
+
+    def computed(assign):  # the same model, one fixed assignment
+        from collections import OrderedDict
+
+        caches, n = [OrderedDict(), OrderedDict()], 0
+        for p, w in zip(prompts, assign):
+            keys = [tuple(p[: (b + 1) * BS]) for b in range(len(p) // BS)]
+            m = 0
+            while m < min(len(keys), (len(p) - 1) // BS) and keys[m] in caches[w]:
+                m += 1
+            n += len(p) - m * BS
+            for k in keys:
+                caches[w][k] = None
+                caches[w].move_to_end(k)
+            while len(caches[w]) > capacity:
+                caches[w].popitem(last=False)
+        return n
+
+    assert got == min(computed(a) for a in itertools.product((0, 1), repeat=len(prompts)))
+
+
+def test_best_placement_estimate_gives_up_past_its_node_budget():
+    from bench.serving import best_placement_estimate
+
+    prompts = [list(range(1000 * i, 1000 * i + 12)) for i in range(12)]
+    assert best_placement_estimate(prompts, BS, 3, max_nodes=5) is None

@@ -130,3 +130,113 @@ def test_live_conversations_count_from_placement_to_a_think_time_after(service, 
         assert sum(w.live_prefixes for w in service._snapshots("prefill")) == 0
 
     asyncio.run(go())
+
+
+class _EventHandle:
+    """A worker handle whose KV-event drain returns what the test stored there, and
+    waits while ``hold`` is set (a worker busy in a step: the drain lags). As with a
+    Ray actor call, the caller's timeout does not stop the call on the worker: it
+    still empties the queue when the step ends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list = []
+        self.hold: asyncio.Event | None = None
+
+    async def _drain(self):
+        if self.hold is not None:
+            await self.hold.wait()
+        out, self.events = self.events, []
+        return out
+
+    async def call(self, method, timeout_s: float):
+        from cluster.worker_api import WorkerAPI
+
+        assert method is WorkerAPI.kv_events, method
+        return await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(self._drain())), timeout_s)
+
+
+def test_a_follow_up_between_the_first_token_and_the_index_drain_goes_where_its_prefix_is(service):
+    """The first token says the parent's blocks are stored; the index learns them at
+    the next drain of that worker's events, which waits for its current step. A
+    follow-up placed in between used to look cold (the pending prefix was released at
+    the first token) and went to the other worker by the live-conversation balance;
+    it now goes where its parent was computed, and the pending entry leaves only once
+    a drain begun after the first token has been applied."""
+    async def go():
+        service.cluster = cluster = FakeCluster()
+        handles = {}
+        for states in cluster.states.values():
+            for w in states:
+                handles[w.handle.name] = w.handle = _EventHandle(w.handle.name)
+        parent = list(range(20000, 20000 + 352))  # 22 blocks
+        hashes = service.hasher.hash_blocks(parent)
+        result = RequestResult(len(parent))
+
+        async def consume(p, r):
+            async for _ in service.run(p, [SamplingParams(max_tokens=2)], [], r):
+                pass
+
+        task = asyncio.create_task(consume(parent, result))
+        await asyncio.sleep(0.05)
+        where = result.placement.prefill
+        handles[where].hold = hold = asyncio.Event()  # its worker is busy in a long step
+        # a pump that starts now (before the first token) leaves that worker's drain running
+        early = asyncio.create_task(service.pump_events())
+        await asyncio.sleep(0.01)
+        cluster.go.set()  # prefill done: blocks stored, first token back, request ends
+        await task
+        handles[where].events.append(BlockStored(1, tuple(hashes), None))
+        follow_up = parent + list(range(30000, 30000 + 160))
+        assert service.place(follow_up).prefill == where  # the index does not know it yet
+        await early  # came back without that worker's drain, which is still running
+        assert where in service._drains
+        assert service.place(follow_up).prefill == where
+        hold.set()
+        await service.pump_events()  # the drain that began before the first token: applied,
+        assert len(service.pending_prefixes) == 1  # but it may have run before the store
+        assert service.indexes["prefill"].match(service.hasher.hash_blocks(follow_up), touch=False).blocks[where] == 22
+        await service.pump_events()  # one begun after it: the entry goes
+        assert len(service.pending_prefixes) == 0
+        assert service.place(follow_up).prefill == where
+
+    asyncio.run(go())
+
+
+def test_a_slow_drain_is_waited_for_not_abandoned(service):
+    """A worker busy in a step longer than a pump's wait: its drain stays in flight
+    and its events are applied when they come back, in order, so the index never sees
+    a gap (an abandoned call still empties the worker's queue, and the index then drops
+    the worker until a snapshot comes back)."""
+    from router.residency_index import WorkerMode
+
+    async def go():
+        service.cluster = cluster = FakeCluster()
+        handles = {}
+        for states in cluster.states.values():
+            for w in states:
+                handles[w.handle.name] = w.handle = _EventHandle(w.handle.name)
+        service.indexes["prefill"].resync("prefill-0", _snapshot(0))
+        a = service.hasher.hash_blocks(list(range(40000, 40000 + 64)))
+        b = service.hasher.hash_blocks(list(range(50000, 50000 + 64)))
+        handles["prefill-0"].hold = hold = asyncio.Event()
+        handles["prefill-0"].events = [BlockStored(1, tuple(a), None)]
+        await service.pump_events()  # prefill-0 is in a long step: nothing from it yet
+        await service.pump_events()
+        assert service.indexes["prefill"].match(a, touch=False).num_blocks("prefill-0") == 0
+        hold.set()
+        await service.pump_events()
+        handles["prefill-0"].events = [BlockStored(2, tuple(b), None)]
+        await service.pump_events()
+        index = service.indexes["prefill"]
+        assert index.worker_mode("prefill-0") is WorkerMode.EXACT
+        assert index.match(a, touch=False).num_blocks("prefill-0") == 4
+        assert index.match(b, touch=False).num_blocks("prefill-0") == 4
+
+    asyncio.run(go())
+
+
+def _snapshot(seq: int):
+    from cluster.kv_events import KVSnapshot
+
+    return KVSnapshot(seq, ())
