@@ -37,6 +37,7 @@ class EngineSection(_Strict):
     decode_reserve_tokens: int = Field(256, ge=0)
     attention_backend: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     decode_context_copies: bool = True  # cpu attention backend (workers/config.py)
+    decode_context_copies_max_seqs: int = Field(16, ge=1)  # larger decode batches gather
     linear_kernel: Literal["auto", "torch", "onednn"] = "auto"  # auto: onednn (packed weights) on CPU
 
 
@@ -246,6 +247,7 @@ class ClusterConfig(_Strict):
             max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching,
             decode_reserve_tokens=e.decode_reserve_tokens,
             attention_backend=e.attention_backend, decode_context_copies=e.decode_context_copies,
+            decode_context_copies_max_seqs=e.decode_context_copies_max_seqs,
             linear_kernel=e.linear_kernel, num_threads=threads,
             hash_seed=self.prefix_cache.seed_bytes(),
         )

@@ -38,6 +38,10 @@ class EngineConfig:
     # each step; served side by side 1.10x / 1.13x / 1.2-1.6x output tok/s at
     # concurrency 8 / 32 / prefix_repetition (bench/results/peer.md). False: gather.
     decode_context_copies: bool = True
+    # ... for decode batches of at most this many sequences; larger ones gather. Served at
+    # concurrency 32 the copies were slower (TPOT p50 410 vs 336 ms, and a 5 s stall as
+    # 30 sequences joined at once); at 8 and on prefix_repetition faster (peer.md).
+    decode_context_copies_max_seqs: int = 16
     linear_kernel: str = "auto"  # auto (onednn on CPU, torch elsewhere) | torch | onednn (workers/model/packed_linear.py)
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
@@ -56,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.num_kv_blocks is None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.decode_context_copies_max_seqs < 1:
+            raise ValueError(f"decode_context_copies_max_seqs must be >= 1, got {self.decode_context_copies_max_seqs}")
         if self.decode_reserve_tokens < 0:
             raise ValueError(f"decode_reserve_tokens must be >= 0, got {self.decode_reserve_tokens}")
         for f in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):

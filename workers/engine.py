@@ -98,7 +98,8 @@ class Engine:
         source = loaded.source
         grammars = Grammars(lambda: load_hf_tokenizer(source)) if source is not None else None
         self.sampler = Sampler(loaded.config.eos_token_ids, config.seed, grammars)
-        backend = get_backend(config.attention_backend, loaded.device, decode_context_copies=config.decode_context_copies)
+        backend = get_backend(config.attention_backend, loaded.device, decode_context_copies=config.decode_context_copies,
+                              decode_context_copies_max_seqs=config.decode_context_copies_max_seqs)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, self.sampler, loaded.device)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()

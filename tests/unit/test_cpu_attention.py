@@ -267,3 +267,30 @@ def test_decode_contexts_grow_by_half_again_not_step_by_step():
     assert small._grown_shape(30, 100)[3:5] == (32, 128)  # half again (44 slots) would not fit
     assert small._grown_shape(36, 128)[3:5] == (36, 128)
     assert small._grown_shape(37, 100) is None  # not even the exact need
+
+
+def test_decode_batches_above_the_copy_limit_gather_and_stay_exact():
+    """``decode_context_copies_max_seqs``: a decode batch of more sequences gathers (no copy
+    is made or kept for it); a smaller one uses the copies. Both equal the reference."""
+    spec = KVCacheSpec(LAYERS, HKV, D, BS, torch.float32)
+    caches = {name: KVCache(spec, 320, torch.device("cpu")) for name in ("torch", "cpu")}
+    seqs = _Seqs(caches["cpu"], torch.Generator().manual_seed(6))
+    for sid in "abcd":
+        seqs.start(sid, 11)
+    backends = {"torch": get_backend("torch", torch.device("cpu")),
+                "cpu": get_backend("cpu", torch.device("cpu"), decode_context_copies=True, decode_context_copies_max_seqs=3)}
+    for step, order in enumerate([["a", "b", "c", "d"], ["a", "b"], ["a", "b", "c", "d"]]):
+        caches["torch"].storage.copy_(caches["cpu"].storage)
+        batch = seqs.decode_batch(order)
+        out = {}
+        for name in caches:
+            q_gen = torch.Generator().manual_seed(step)
+            plan = backends[name].plan(batch, caches[name], HQ)
+            out[name] = torch.stack([plan.run(layer, *(torch.randn(len(order), h, D, generator=q_gen) for h in (HQ, HKV, HKV)))
+                                     for layer in range(LAYERS)])
+        torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-6, rtol=1e-6)
+        held = backends["cpu"].contexts
+        if len(order) <= 3:
+            assert sorted(held.seqs) == sorted(order)
+        else:
+            assert plan.contexts is None  # this step gathered

@@ -10,7 +10,8 @@ import torch
 from workers.attention.batch import AttentionBackend, AttentionBatch
 
 
-def get_backend(name: str, device: torch.device, decode_context_copies: bool = True) -> AttentionBackend:
+def get_backend(name: str, device: torch.device, decode_context_copies: bool = True,
+                decode_context_copies_max_seqs: int = 16) -> AttentionBackend:
     if name == "auto":
         if device.type == "cuda":
             name = "flashinfer" if _has_flashinfer() else "torch"
@@ -23,7 +24,7 @@ def get_backend(name: str, device: torch.device, decode_context_copies: bool = T
     if name == "cpu":
         from workers.attention.cpu_backend import CPUAttentionBackend
 
-        return CPUAttentionBackend(decode_context_copies)
+        return CPUAttentionBackend(decode_context_copies, decode_context_copies_max_seqs)
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")

@@ -10,6 +10,8 @@ attends to the copy in place; a context is gathered once, when the sequence firs
 decodes (or when its copy no longer matches its blocks). The copies take at most as much
 memory as the KV pool (once they would not fit, steps gather until the engine is idle);
 the buffer grows by half again when it must, and stays allocated while the worker idles.
+Decode batches of more than ``decode_context_copies_max_seqs`` (16) sequences gather
+instead: served at concurrency 32 on 2 cores the copies were slower than gathering.
 In process (an ad-hoc measurement) that made the decode step 1.2-1.9x faster; served side
 by side on a 2-core host, 1.1x output tok/s at concurrency 8 and 32 and more with
 longer contexts (``bench/results/peer.md``), so it is on by default
@@ -148,7 +150,8 @@ class DecodeContexts:
 
 
 class CPUAttentionPlan(TorchAttentionPlan):
-    def __init__(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int, contexts: DecodeContexts | None) -> None:
+    def __init__(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int, contexts: DecodeContexts | None,
+                 max_seqs: int = 1 << 30) -> None:
         super().__init__(batch, kv_cache)
         self.contexts = None
         if self.decode_tokens is None:
@@ -158,7 +161,7 @@ class CPUAttentionPlan(TorchAttentionPlan):
         self.group = num_heads // hkv
         self.last_layer = spec.num_layers - 1
         decode = [b for b in range(batch.num_seqs) if batch.query_len(b) == 1]
-        if contexts is not None and batch.seq_ids is not None and self.decode_layer_mask is None:
+        if contexts is not None and batch.seq_ids is not None and self.decode_layer_mask is None and len(decode) <= max_seqs:
             ids = [batch.seq_ids[b] for b in decode]
             lens = [batch.seq_lens[b] for b in decode]
             tables = [batch.block_tables[b] for b in decode]
@@ -226,8 +229,9 @@ class CPUAttentionPlan(TorchAttentionPlan):
 class CPUAttentionBackend:
     name = "cpu"
 
-    def __init__(self, decode_context_copies: bool = True) -> None:
+    def __init__(self, decode_context_copies: bool = True, max_seqs: int = 16) -> None:
         self.copies = decode_context_copies
+        self.max_seqs = max_seqs  # decode batches larger than this gather
         self.contexts: DecodeContexts | None = None
 
     def plan(self, batch: AttentionBatch, kv_cache: KVCache, num_heads: int) -> CPUAttentionPlan:
@@ -235,7 +239,7 @@ class CPUAttentionBackend:
             return CPUAttentionPlan(batch, kv_cache, num_heads, None)
         if self.contexts is None or self.contexts.kv_cache is not kv_cache:
             self.contexts = DecodeContexts(kv_cache)
-        return CPUAttentionPlan(batch, kv_cache, num_heads, self.contexts)
+        return CPUAttentionPlan(batch, kv_cache, num_heads, self.contexts, self.max_seqs)
 
     def release(self) -> None:
         if self.contexts is not None:
