@@ -35,8 +35,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (cpu on CPU, flashinfer on CUDA) | torch | cpu | flashinfer
     # True: the cpu attention backend keeps running decode contexts as contiguous copies
     # (at most the KV pool's size again) instead of gathering them from the paged cache
-    # each step; served side by side 1.10x / 1.13x / 1.2-1.6x output tok/s at
-    # concurrency 8 / 32 / prefix_repetition (bench/results/peer.md). False: gather.
+    # each step; served side by side 1.02-1.59x output tok/s at concurrency 8 and on
+    # prefix_repetition (bench/results/peer.md). False: gather.
     decode_context_copies: bool = True
     # ... for decode batches of at most this many sequences; larger ones gather. Served at
     # concurrency 32 the copies were slower (TPOT p50 410 vs 336 ms, and a 5 s stall as
