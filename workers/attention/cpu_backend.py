@@ -13,8 +13,8 @@ the buffer grows by half again when it must, and stays allocated while the worke
 Decode batches of more than ``decode_context_copies_max_seqs`` (16) sequences gather
 instead: served at concurrency 32 on 2 cores the copies were slower than gathering.
 In process (an ad-hoc measurement) that made the decode step 1.2-1.9x faster; served side
-by side on a 2-core host, 1.1x output tok/s at concurrency 8 and 32 and more with
-longer contexts (``bench/results/peer.md``), so it is on by default
+by side on a 2-core host, 1.02-1.59x output tok/s at concurrency 8 and on
+prefix_repetition (``bench/results/peer.md``), so it is on by default
 (``engine.decode_context_copies``). Either way the query
 heads that share a KV head attend as one group (GQA without repeating K/V), and the
 attention is SDPA on the same values, so the results are the reference's within float
