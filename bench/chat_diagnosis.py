@@ -186,8 +186,9 @@ def summarize(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_on_local_ray(run, args) -> dict[str, Any]:
+    """``run(args)`` (a diagnosis) on a local Ray instance; its record is written to
+    ``args.out`` when given. Shared with bench/serving_mooncake_diagnosis.py."""
     import ray
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -198,6 +199,11 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+    return res
+
+
+def main(argv=None) -> int:
+    res = run_on_local_ray(run, parse_args(argv))
     for r in res.get("repeats", [res]):
         print(summarize(r))
     return 0

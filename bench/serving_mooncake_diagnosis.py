@@ -38,7 +38,7 @@ from collections import defaultdict
 from typing import Any
 
 from bench import workloads as W
-from bench.chat_diagnosis import build_config
+from bench.chat_diagnosis import build_config, run_on_local_ray
 from router.service import RequestResult, RouterService
 from workers.sampling_params import SamplingParams
 
@@ -230,18 +230,7 @@ def summarize(res: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        res = asyncio.run(run(args))
-    finally:
-        ray.shutdown()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(summarize(res))
+    print(summarize(run_on_local_ray(run, parse_args(argv))))
     return 0
 
 
